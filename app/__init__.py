@@ -1,0 +1,94 @@
+"""Agent Runs: an HTTP server that runs AI agents and streams every run as Server-Sent Events.
+
+Run it standalone with :func:`create_app` (``agent-runs serve``), or mount the API on your own
+Flask application with the :class:`AgentRuns` extension::
+
+    from agent_runs import AgentRuns
+
+    AgentRuns(app, url_prefix="/agents-api")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask
+
+from . import config as config_module
+from .db import migrate, open_database
+from .runtime.agents import Agent, AgentRegistry, Tool, register_agent, register_tool, tool
+from .runtime.executor import Executor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Agent",
+    "AgentRuns",
+    "Tool",
+    "create_app",
+    "register_agent",
+    "register_tool",
+    "tool",
+]
+
+
+@dataclass
+class AgentRunsState:
+    """What the extension keeps per application, in ``app.extensions["agent_runs"]``."""
+
+    config: Mapping[str, Any]
+    registry: AgentRegistry
+    executor: Executor
+
+    @property
+    def default_model(self) -> str:
+        return self.config["AGENT_RUNS_DEFAULT_MODEL"]
+
+
+class AgentRuns:
+    """The Flask extension that mounts the Agent Runs API on an application."""
+
+    def __init__(self, app: Flask | None = None, **kwargs: Any) -> None:
+        if app is not None:
+            self.init_app(app, **kwargs)
+
+    def init_app(self, app: Flask, url_prefix: str | None = None) -> None:
+        """Configure the database, the agents and the executor, and register the API."""
+        for key, value in config_module.from_environment().items():
+            app.config.setdefault(key, value)
+        settings = {key: app.config[key] for key in config_module.DEFAULTS}
+
+        open_database(settings["AGENT_RUNS_DATABASE_URL"])
+        if settings["AGENT_RUNS_MIGRATE_ON_START"]:
+            migrate()
+
+        app.extensions["agent_runs"] = AgentRunsState(
+            config=settings,
+            registry=AgentRegistry.from_file(settings["AGENT_RUNS_AGENTS_FILE"]),
+            executor=Executor(
+                flush_interval=settings["AGENT_RUNS_EVENT_FLUSH_INTERVAL"],
+                ping_interval=settings["AGENT_RUNS_PING_INTERVAL"],
+                tool_timeout=settings["AGENT_RUNS_TOOL_TIMEOUT"],
+            ),
+        )
+
+        from .api import bp
+        from .cli import tokens
+
+        prefix = settings["AGENT_RUNS_URL_PREFIX"] if url_prefix is None else url_prefix
+        app.register_blueprint(bp, url_prefix=prefix.rstrip("/") or None)
+        if "tokens" not in app.cli.commands:
+            app.cli.add_command(tokens)
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Create the standalone Agent Runs server."""
+    from .errors import register_app_error_handlers
+
+    app = Flask(__name__)
+    app.config.update(config or {})
+    register_app_error_handlers(app)
+    AgentRuns(app)
+    return app

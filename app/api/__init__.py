@@ -1,0 +1,49 @@
+"""The HTTP API: one blueprint, thin views, one problem+json error shape.
+
+Every request is authenticated before its view runs and holds a database connection for the
+view's duration only; streamed bodies are generators that touch no request state.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, g, request
+
+from ..auth import authenticate
+from ..db import database
+from ..errors import problem, register_error_handlers
+from ..runtime.runs import NotFound, RunRequestRejected
+
+bp = Blueprint("agent_runs", __name__)
+register_error_handlers(bp)
+
+
+@bp.errorhandler(NotFound)
+def _not_found(error: NotFound) -> Response:
+    return problem(404, error.message)
+
+
+@bp.errorhandler(RunRequestRejected)
+def _rejected(error: RunRequestRejected) -> Response:
+    # 422s name the field as validation errors do; 403 and 409 say what is in the way.
+    errors = {error.field: [error.message]} if error.status == 422 else None
+    return problem(error.status, error.message, errors=errors)
+
+
+@bp.before_request
+def _open_and_authenticate() -> None:
+    # Bodies carry media inline, so the limit is ours, not the host application's.
+    config = current_app.extensions["agent_runs"].config
+    request.max_content_length = config["AGENT_RUNS_MAX_CONTENT_LENGTH"]
+    g.agent_runs_db = database.connection_context()
+    g.agent_runs_db.__enter__()
+    g.principal = authenticate(request.headers.get("Authorization"))
+
+
+@bp.teardown_request
+def _close_database(exc: BaseException | None) -> None:
+    context = g.pop("agent_runs_db", None)
+    if context is not None:
+        context.__exit__(None, None, None)
+
+
+from . import agents, runs  # noqa: E402,F401  (views register themselves on bp)

@@ -1,0 +1,159 @@
+"""The ``agent-runs`` command: serve the API, manage tokens, list agents.
+
+Built on Flask's CLI, so ``agent-runs routes`` and ``agent-runs shell`` work too, and a host
+application that embeds the extension gets ``flask tokens ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+import click
+from flask import current_app
+from flask.cli import AppGroup, FlaskGroup
+
+from .db import database
+
+DEFAULT_BIND = "127.0.0.1:8080"
+EXAMPLE_MESSAGE = '{"message": "What is the current NVDA stock price?"}'
+
+
+def _create_app():
+    from . import create_app
+
+    return create_app()
+
+
+cli = FlaskGroup(
+    name="agent-runs",
+    create_app=_create_app,
+    help="Agent Runs: run AI agents over HTTP and stream every run as Server-Sent Events.",
+)
+
+
+def main() -> None:
+    cli.main()
+
+
+tokens = AppGroup("tokens", help="Create, list and revoke API tokens.")
+cli.add_command(tokens)
+
+
+@tokens.command("create")
+@click.option("--org", "org_id", required=True, help="The organisation the token acts for.")
+@click.option("--user", "user_id", default=None, help="Bind the token to one user.")
+@click.option("--name", default="", help="A label to recognise the token by.")
+def create_token_command(org_id: str, user_id: str | None, name: str) -> None:
+    """Create a token. Its secret is printed once, alone on the last line."""
+    from .auth import create_token
+
+    with database.connection_context():
+        token, secret = create_token(org_id, user_id, name=name)
+    who = f"org {org_id!r}" + (f", user {user_id!r}" if user_id else "")
+    click.echo(
+        f"Created token {token.id} ({token.prefix}...) for {who}. Keep it; it is not shown again:",
+        err=True,
+    )
+    click.echo(secret)
+
+
+@tokens.command("list")
+def list_tokens_command() -> None:
+    """List tokens (never their secrets)."""
+    from .models import ApiToken
+
+    with database.connection_context():
+        for token in ApiToken.select().order_by(ApiToken.id):
+            state = "revoked" if token.revoked_at else "active"
+            click.echo(
+                f"{token.id}\t{token.prefix}...\torg={token.org_id}\t"
+                f"user={token.user_id or '-'}\t{state}\t{token.name}"
+            )
+
+
+@tokens.command("revoke")
+@click.argument("token_id", type=int)
+def revoke_token_command(token_id: int) -> None:
+    """Revoke a token by its id (see `tokens list`)."""
+    from .models import ApiToken, utcnow
+
+    with database.connection_context():
+        updated = (
+            ApiToken.update(revoked_at=utcnow())
+            .where(ApiToken.id == token_id, ApiToken.revoked_at.is_null())
+            .execute()
+        )
+    if not updated:
+        raise click.ClickException(f"No active token with id {token_id}.")
+    click.echo(f"Revoked token {token_id}.")
+
+
+@cli.command("agents")
+def list_agents_command() -> None:
+    """List the agents this server offers."""
+    state = current_app.extensions["agent_runs"]
+    for agent in state.registry.all():
+        tools = ", ".join(t.name for t in agent.tools) or "no tools"
+        click.echo(f"{agent.id}\t{agent.model or state.default_model}\t{tools}")
+
+
+def _gunicorn_config(explicit: str | None) -> str | None:
+    """Find gunicorn.conf.py: the option, the working directory, then the installed copy."""
+    candidates = [
+        explicit,
+        os.environ.get("AGENT_RUNS_GUNICORN_CONFIG"),
+        "gunicorn.conf.py",
+        os.path.join(sys.prefix, "share", "agent-runs", "gunicorn.conf.py"),
+    ]
+    return next((path for path in candidates if path and os.path.isfile(path)), None)
+
+
+def _announce_first_token(bind: str) -> None:
+    """Create and print a token if the server has none, so a first run can be tried at once."""
+    from .auth import create_token
+    from .models import ApiToken
+
+    with database.connection_context():
+        if ApiToken.select().exists():
+            return
+        _, secret = create_token("default", name="created on first start")
+    prefix = current_app.extensions["agent_runs"].config["AGENT_RUNS_URL_PREFIX"].rstrip("/")
+    url = f"http://{bind}{prefix}/agents/finance_agent/runs/stream"
+    click.echo(
+        "\nNo API token existed, so one was created for organisation 'default'.\n"
+        "It is shown only this once:\n\n"
+        f"    {secret}\n\n"
+        "Try a streaming run:\n\n"
+        f"    curl -N {url} \\\n"
+        f'      -H "Authorization: Bearer {secret}" \\\n'
+        '      -H "Content-Type: application/json" \\\n'
+        f"      -d {shlex.quote(EXAMPLE_MESSAGE)}\n"
+    )
+
+
+@cli.command("serve")
+@click.option(
+    "--bind",
+    "-b",
+    default=None,
+    help=f"Address to listen on (default AGENT_RUNS_BIND or {DEFAULT_BIND}).",
+)
+@click.option("--workers", "-w", type=int, default=None, help="Number of gunicorn workers.")
+@click.option("--config", "-c", "config_path", default=None, help="A gunicorn config file.")
+def serve_command(bind: str | None, workers: int | None, config_path: str | None) -> None:
+    """Serve the API with gunicorn's gevent worker (the database is migrated first)."""
+    bind = bind or os.environ.get("AGENT_RUNS_BIND") or DEFAULT_BIND
+    _announce_first_token(bind)
+    argv = [sys.executable, "-m", "gunicorn", "--bind", bind]
+    config_file = _gunicorn_config(config_path)
+    if config_file:
+        argv += ["--config", config_file]
+    else:
+        argv += ["--worker-class", "gevent", "--worker-connections", "10000"]
+    if workers:
+        argv += ["--workers", str(workers)]
+    argv.append("agent_runs:create_app()")
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)

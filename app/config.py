@@ -1,0 +1,73 @@
+"""Configuration: the defaults, and the AGENT_RUNS_* environment variables that override them.
+
+This is the one place that reads configuration. Every key shares the ``AGENT_RUNS_`` prefix,
+both in the environment and in ``app.config``, so a host application can set them like any
+other Flask setting.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    # Where runs, events, sessions and tokens live. A SQLite file in WAL mode by default.
+    "AGENT_RUNS_DATABASE_URL": "sqlite:///agent_runs.sqlite3",
+    # Apply pending migrations when the application starts.
+    "AGENT_RUNS_MIGRATE_ON_START": True,
+    # Agent definitions (YAML or JSON). None means the bundled demo agents.
+    "AGENT_RUNS_AGENTS_FILE": None,
+    # Model used by agents that do not name one.
+    "AGENT_RUNS_DEFAULT_MODEL": "scripted",
+    # Where the API is mounted.
+    "AGENT_RUNS_URL_PREFIX": "/api",
+    # Seconds of silence after which a stream gets a ": ping" comment.
+    "AGENT_RUNS_PING_INTERVAL": 15.0,
+    # How often buffered events are written to the database, in seconds.
+    "AGENT_RUNS_EVENT_FLUSH_INTERVAL": 0.05,
+    # Input bounds for a RunRequest.
+    "AGENT_RUNS_MAX_MESSAGE_LENGTH": 32_000,
+    "AGENT_RUNS_MAX_MEDIA": 8,
+    "AGENT_RUNS_MAX_BATCH_IDS": 100,
+    # Largest request body accepted, in bytes (media travel inline as base64).
+    "AGENT_RUNS_MAX_CONTENT_LENGTH": 25 * 1024 * 1024,
+    # Seconds a tool may run before it is stopped and reported as failed.
+    "AGENT_RUNS_TOOL_TIMEOUT": 30.0,
+}
+
+_BOOLEAN_WORDS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+
+
+def _coerce(key: str, raw: str) -> Any:
+    """Turn an environment string into the type of the key's default."""
+    default = DEFAULTS[key]
+    if isinstance(default, bool):
+        try:
+            return _BOOLEAN_WORDS[raw.strip().lower()]
+        except KeyError:
+            raise ValueError(f"{key} must be true or false, not {raw!r}") from None
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+def from_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Return the defaults overridden by any AGENT_RUNS_* variables in the environment."""
+    environ = os.environ if environ is None else environ
+    config = dict(DEFAULTS)
+    for key in DEFAULTS:
+        if key in environ and environ[key] != "":
+            config[key] = _coerce(key, environ[key])
+    return config

@@ -1,0 +1,154 @@
+"""Peewee models: runs, their event logs, conversation sessions and messages, API tokens.
+
+The tables are created and changed only by the scripts in migrations/; these classes describe
+the current schema for queries.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any
+
+import peewee
+
+from .db import database
+
+
+def utcnow() -> datetime.datetime:
+    """Return the current time as a naive UTC datetime, the form every timestamp is stored in."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+class JSONField(peewee.TextField):
+    """A JSON document stored as text."""
+
+    def db_value(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+    def python_value(self, value: str | None) -> Any:
+        return None if value is None else json.loads(value)
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class RunStatus:
+    """The states of a run. QUEUED runs wait for the executor; the last three are final."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    ALL = (QUEUED, RUNNING, PAUSED, COMPLETED, FAILED, CANCELLED)
+    ACTIVE = (QUEUED, RUNNING, PAUSED)
+    FINAL = (COMPLETED, FAILED, CANCELLED)
+
+
+class ApiToken(BaseModel):
+    """A bearer token. Only the SHA-256 of the secret is stored."""
+
+    token_hash = peewee.CharField(max_length=64, unique=True)
+    # The first characters of the secret, so an operator can tell tokens apart in a listing.
+    prefix = peewee.CharField(max_length=16)
+    name = peewee.CharField(max_length=200, default="")
+    org_id = peewee.CharField(max_length=128)
+    user_id = peewee.CharField(max_length=128, null=True)
+    scopes = peewee.CharField(max_length=200, default="runs:read runs:write")
+    created_at = peewee.DateTimeField(default=utcnow)
+    expires_at = peewee.DateTimeField(null=True)
+    revoked_at = peewee.DateTimeField(null=True)
+
+
+class Session(BaseModel):
+    """A conversation: the runs of one agent for one tenant, and their messages.
+
+    ``uid`` is the sessionId clients see. It is unique within an (org, user) pair rather than
+    globally, so two tenants who both pick the seed's example UUID never share a conversation.
+    """
+
+    uid = peewee.CharField(max_length=128)
+    org_id = peewee.CharField(max_length=128)
+    # "" when the run was not made for a particular user; kept non-null so the unique key holds.
+    user_id = peewee.CharField(max_length=128, default="")
+    agent_id = peewee.CharField(max_length=128)
+    created_at = peewee.DateTimeField(default=utcnow)
+    updated_at = peewee.DateTimeField(default=utcnow)
+    # The run that holds the session now. Claimed with a conditional UPDATE, so at most one run
+    # is active per session whatever the number of workers.
+    active_run_id = peewee.CharField(max_length=64, null=True)
+
+    class Meta:
+        indexes = ((("org_id", "user_id", "uid"), True),)
+
+
+class Run(BaseModel):
+    """One execution of an agent: its status, its output and how it got there."""
+
+    id = peewee.CharField(max_length=64, primary_key=True)
+    org_id = peewee.CharField(max_length=128)
+    user_id = peewee.CharField(max_length=128, default="")
+    agent_id = peewee.CharField(max_length=128)
+    session = peewee.ForeignKeyField(Session, backref="runs", on_delete="CASCADE")
+    status = peewee.CharField(max_length=16, default=RunStatus.RUNNING)
+    model = peewee.CharField(max_length=200, default="")
+    input = peewee.TextField(default="")
+    request = JSONField(null=True)
+    content = peewee.TextField(default="")
+    reasoning_steps = JSONField(null=True)
+    tool_calls = JSONField(null=True)
+    followups = JSONField(null=True)
+    usage = JSONField(null=True)
+    error_type = peewee.CharField(max_length=64, null=True)
+    error = peewee.TextField(null=True)
+    required_action = JSONField(null=True)
+    cancel_requested = peewee.BooleanField(default=False)
+    # Renewed by the executor while the run works; an expired lease means its worker died.
+    lease_expires_at = peewee.DateTimeField(null=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+    started_at = peewee.DateTimeField(null=True)
+    completed_at = peewee.DateTimeField(null=True)
+
+    class Meta:
+        indexes = (
+            (("org_id", "agent_id", "created_at"), False),
+            (("status", "lease_expires_at"), False),
+        )
+
+
+class RunEvent(BaseModel):
+    """One entry of a run's event log: what its stream carried, in order."""
+
+    run = peewee.ForeignKeyField(Run, backref="events", on_delete="CASCADE")
+    seq = peewee.IntegerField()
+    type = peewee.CharField(max_length=32)
+    data = peewee.TextField(default="")
+    timestamp = peewee.BigIntegerField()
+
+    class Meta:
+        primary_key = peewee.CompositeKey("run", "seq")
+
+
+class Message(BaseModel):
+    """One message of a session's conversation, in the order the model saw it."""
+
+    session = peewee.ForeignKeyField(Session, backref="messages", on_delete="CASCADE")
+    run = peewee.ForeignKeyField(Run, null=True, on_delete="CASCADE")
+    role = peewee.CharField(max_length=16)
+    content = peewee.TextField(default="")
+    # Assistant messages that call tools: [{id, name, arguments}]. Tool results: the call's id.
+    tool_calls = JSONField(null=True)
+    tool_call_id = peewee.CharField(max_length=128, null=True)
+    name = peewee.CharField(max_length=128, null=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+
+
+MODELS = (ApiToken, Session, Run, RunEvent, Message)

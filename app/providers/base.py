@@ -1,0 +1,110 @@
+"""The interface every model back end implements: a request in, a stream of deltas out.
+
+A provider turns one model call into an iterator of small typed deltas: reasoning text, answer
+text, fragments of tool calls, token usage, and how the call finished. The agent loop turns
+them into run events; it never sees a back end's own wire format.
+
+Messages are plain dictionaries in one neutral form, whatever the back end:
+
+- ``{"role": "system" | "user", "content": str}``; a user message may carry
+  ``"media": [{"type": mime, "data": base64-or-url}]``
+- ``{"role": "assistant", "content": str, "tool_calls": [{"id", "name", "arguments": dict}]}``
+- ``{"role": "tool", "tool_call_id": str, "name": str, "content": str}``
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContentDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A fragment of a tool call. Fragments with the same ``index`` make one call."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageDelta:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FinishDelta:
+    reason: str
+
+
+Delta = ReasoningDelta | ContentDelta | ToolCallDelta | UsageDelta | FinishDelta
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A tool as the model is told about it."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+@dataclass
+class ModelRequest:
+    model: str
+    messages: list[dict[str, Any]]
+    tools: list[ToolSpec] = field(default_factory=list)
+    temperature: float | None = None
+    max_tokens: int | None = None
+    # "answer" for the agent's turns, "followups" for the call that suggests next questions.
+    purpose: str = "answer"
+
+
+class ProviderError(Exception):
+    """A model call that failed; the run ends FAILED with this message."""
+
+
+class UnknownModel(ValueError):
+    """A model string that names no back end this server has."""
+
+
+class Provider(Protocol):
+    def stream(self, request: ModelRequest) -> Iterator[Delta]:
+        """Call the model and yield its deltas as they arrive."""
+        ...
+
+
+# provider name -> "module:factory"; the factory takes (model name, options) and returns a
+# Provider. Imported on first use, so an extra's SDK is needed only when it is used.
+PROVIDERS: dict[str, str] = {
+    "scripted": "agent_runs.providers.scripted:ScriptedProvider",
+}
+
+
+def resolve_model(model: str, options: Mapping[str, Any] | None = None) -> tuple[Provider, str]:
+    """Return the provider for a ``provider:model`` string and the model name it is given."""
+    provider_name, _, model_name = model.partition(":")
+    try:
+        module_name, _, factory_name = PROVIDERS[provider_name].partition(":")
+    except KeyError:
+        known = ", ".join(sorted(PROVIDERS))
+        raise UnknownModel(
+            f"unknown model provider {provider_name!r} in {model!r} (known: {known})"
+        ) from None
+    factory = getattr(importlib.import_module(module_name), factory_name)
+    return factory(model_name, dict(options or {})), model_name or provider_name

@@ -1,0 +1,293 @@
+"""Agent definitions and their tools, from a YAML/JSON file or registered from Python.
+
+An agent is a model, instructions and tools. A tool is a plain Python function with a JSON
+schema for its arguments; :func:`tool` derives the schema from the function's signature when
+none is given.
+
+    import agent_runs
+
+    @agent_runs.tool
+    def get_weather(city: str) -> str:
+        "Return today's weather for a city."
+        ...
+
+    agent_runs.register_agent("weather", instructions="Answer weather questions.",
+                              tools=[get_weather])
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..providers.base import ToolSpec
+
+AGENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+TOOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+_JSON_TYPES = {
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    list: "array",
+    dict: "object",
+}
+
+
+class AgentDefinitionError(ValueError):
+    """An agent or tool definition that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function an agent may call, described to the model by a JSON schema."""
+
+    name: str
+    function: Callable[..., Any]
+    description: str = ""
+    parameters: Mapping[str, Any] = field(
+        default_factory=lambda: {"type": "object", "properties": {}}
+    )
+    # Seconds the call may take; None uses the server's AGENT_RUNS_TOOL_TIMEOUT.
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if not TOOL_NAME_PATTERN.match(self.name):
+            raise AgentDefinitionError(
+                f"tool name {self.name!r} must be 1-64 letters, digits, _ or -"
+            )
+        if self.parameters.get("type") != "object":
+            raise AgentDefinitionError(f"tool {self.name!r}: parameters must be an object schema")
+
+    @property
+    def spec(self) -> ToolSpec:
+        return ToolSpec(self.name, self.description, dict(self.parameters))
+
+
+def _parameters_from_signature(function: Callable[..., Any]) -> dict[str, Any]:
+    """Derive a JSON schema for a function's keyword arguments from its annotations."""
+    properties: dict[str, Any] = {}
+    required = []
+    hints = inspect.get_annotations(function, eval_str=True)
+    for name, parameter in inspect.signature(function).parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        json_type = _JSON_TYPES.get(hints.get(name))  # type: ignore[arg-type]
+        properties[name] = {"type": json_type} if json_type else {}
+        if parameter.default is parameter.empty:
+            required.append(name)
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def tool(
+    function: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    timeout: float | None = None,
+) -> Any:
+    """Make a :class:`Tool` of a function; usable as ``@tool`` or ``@tool(name=...)``."""
+
+    def make(fn: Callable[..., Any]) -> Tool:
+        doc = inspect.getdoc(fn) or ""
+        return Tool(
+            name=name or fn.__name__,
+            function=fn,
+            description=description if description is not None else doc.split("\n\n")[0],
+            parameters=parameters if parameters is not None else _parameters_from_signature(fn),
+            timeout=timeout,
+        )
+
+    return make(function) if function is not None else make
+
+
+@dataclass(frozen=True)
+class Agent:
+    """What a run executes: a model, its instructions and the tools it may call."""
+
+    id: str
+    name: str
+    description: str = ""
+    instructions: str = ""
+    # A model string such as "scripted" or "openai:gpt-4o-mini"; None means the server default.
+    model: str | None = None
+    # Further model strings a run may choose through options.model; "*" allows any.
+    allowed_models: tuple[str, ...] = ()
+    tools: tuple[Tool, ...] = ()
+    # Model calls one run may make before it must answer.
+    max_steps: int = 8
+    # Settings handed to the model back end as they are (e.g. the scripted model's pacing).
+    model_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not AGENT_ID_PATTERN.match(self.id):
+            raise AgentDefinitionError(
+                f"agent id {self.id!r} must be 1-128 letters, digits, _ . or -"
+            )
+        names = [t.name for t in self.tools]
+        if len(names) != len(set(names)):
+            raise AgentDefinitionError(f"agent {self.id!r} names a tool twice")
+        if self.max_steps < 1:
+            raise AgentDefinitionError(f"agent {self.id!r}: max_steps must be at least 1")
+
+    def tool(self, name: str) -> Tool | None:
+        return next((t for t in self.tools if t.name == name), None)
+
+    def model_for(self, requested: str | None, default_model: str) -> str | None:
+        """Return the model a run uses, or None if the agent does not allow ``requested``."""
+        own = self.model or default_model
+        if requested is None or requested == own:
+            return own
+        if "*" in self.allowed_models or requested in self.allowed_models:
+            return requested
+        return None
+
+
+# Agents and tools registered from Python, shared by every application in the process.
+_python_agents: dict[str, Agent] = {}
+_python_tools: dict[str, Tool] = {}
+
+
+def register_tool(function: Callable[..., Any] | Tool, **kwargs: Any) -> Tool:
+    """Register a tool by name, so agent files can list it. Returns the Tool."""
+    registered = function if isinstance(function, Tool) else tool(function, **kwargs)
+    _python_tools[registered.name] = registered
+    return registered
+
+
+def register_agent(
+    id: str,
+    *,
+    name: str | None = None,
+    description: str = "",
+    instructions: str = "",
+    model: str | None = None,
+    allowed_models: Iterable[str] = (),
+    tools: Iterable[Callable[..., Any] | Tool] = (),
+    max_steps: int = 8,
+    model_options: Mapping[str, Any] | None = None,
+) -> Agent:
+    """Define an agent from Python. It overrides a file agent with the same id."""
+    agent = Agent(
+        id=id,
+        name=name or id,
+        description=description,
+        instructions=instructions,
+        model=model,
+        allowed_models=tuple(allowed_models),
+        tools=tuple(t if isinstance(t, Tool) else tool(t) for t in tools),
+        max_steps=max_steps,
+        model_options=dict(model_options or {}),
+    )
+    _python_agents[agent.id] = agent
+    return agent
+
+
+def unregister_agent(id: str) -> None:
+    """Forget an agent registered from Python."""
+    _python_agents.pop(id, None)
+
+
+def _resolve_tool(reference: Any, where: str) -> Tool:
+    """Turn a file's tool entry into a Tool: a registered name or a ``module:function`` path."""
+    if not isinstance(reference, str):
+        raise AgentDefinitionError(f"{where}: a tool is a name or a 'module:function' path")
+    if reference in _python_tools:
+        return _python_tools[reference]
+    module_name, _, attribute = reference.partition(":")
+    if not attribute:
+        raise AgentDefinitionError(
+            f"{where}: unknown tool {reference!r} (not registered, not a 'module:function' path)"
+        )
+    try:
+        target = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise AgentDefinitionError(f"{where}: cannot import tool {reference!r}: {error}") from None
+    return target if isinstance(target, Tool) else tool(target)
+
+
+_AGENT_KEYS = {
+    "id",
+    "name",
+    "description",
+    "instructions",
+    "model",
+    "allowed_models",
+    "tools",
+    "max_steps",
+    "model_options",
+}
+
+
+def _agent_from_mapping(entry: Any, where: str) -> Agent:
+    if not isinstance(entry, dict) or "id" not in entry:
+        raise AgentDefinitionError(f"{where}: each agent is a mapping with an 'id'")
+    unknown = set(entry) - _AGENT_KEYS
+    if unknown:
+        raise AgentDefinitionError(f"{where}: unknown keys {sorted(unknown)}")
+    where = f"{where} ({entry['id']})"
+    return Agent(
+        id=str(entry["id"]),
+        name=str(entry.get("name") or entry["id"]),
+        description=str(entry.get("description") or ""),
+        instructions=str(entry.get("instructions") or ""),
+        model=entry.get("model"),
+        allowed_models=tuple(entry.get("allowed_models") or ()),
+        tools=tuple(_resolve_tool(t, where) for t in entry.get("tools") or ()),
+        max_steps=int(entry.get("max_steps", 8)),
+        model_options=dict(entry.get("model_options") or {}),
+    )
+
+
+def load_agents_file(path: str) -> dict[str, Agent]:
+    """Read agent definitions from a YAML or JSON file: ``{"agents": [ {...}, ... ]}``."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        document = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as error:
+        raise AgentDefinitionError(f"{path}: not valid YAML/JSON: {error}") from None
+    entries = (document or {}).get("agents") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        raise AgentDefinitionError(f"{path}: expected a top-level 'agents' list")
+    agents: dict[str, Agent] = {}
+    for index, entry in enumerate(entries):
+        agent = _agent_from_mapping(entry, f"{path}: agents[{index}]")
+        if agent.id in agents:
+            raise AgentDefinitionError(f"{path}: agent id {agent.id!r} appears twice")
+        agents[agent.id] = agent
+    return agents
+
+
+BUNDLED_AGENTS_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "agents.yaml")
+
+
+class AgentRegistry:
+    """The agents one application serves: its file's, then those registered from Python."""
+
+    def __init__(self, file_agents: Mapping[str, Agent]) -> None:
+        self._file_agents = dict(file_agents)
+
+    @classmethod
+    def from_file(cls, path: str | None) -> AgentRegistry:
+        return cls(load_agents_file(path or BUNDLED_AGENTS_FILE))
+
+    def get(self, agent_id: str) -> Agent | None:
+        return _python_agents.get(agent_id) or self._file_agents.get(agent_id)
+
+    def all(self) -> list[Agent]:
+        merged = {**self._file_agents, **_python_agents}
+        return sorted(merged.values(), key=lambda agent: agent.id)

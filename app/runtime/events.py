@@ -1,0 +1,208 @@
+"""Run events: their types, the SSE encoding, live fan-out and the batched event log.
+
+Every event a run emits gets the next ``seq`` of that run and goes two ways at once: into the
+in-memory :class:`RunChannel`, which wakes the streams following the run in this process, and
+into the :class:`EventLog`, which writes events to the RunEvent table in small batches. A
+stream that starts late, or on another worker, replays the log and then tails the channel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import gevent
+import gevent.event
+
+from ..db import database
+from ..models import RunEvent
+
+logger = logging.getLogger(__name__)
+
+
+class EventType:
+    START = "START"
+    REASONING_DELTA = "REASONING_DELTA"
+    CONTENT_DELTA = "CONTENT_DELTA"
+    TOOL_START = "TOOL_START"
+    TOOL_END = "TOOL_END"
+    STOP = "STOP"
+    ERROR = "ERROR"
+
+    ALL = (START, REASONING_DELTA, CONTENT_DELTA, TOOL_START, TOOL_END, STOP, ERROR)
+    # After one of these the run's stream carries nothing more.
+    FINAL = (STOP, ERROR)
+
+
+PING_FRAME = b": ping\n\n"
+
+
+def now_ms() -> int:
+    """Return Unix epoch milliseconds, the unit of an event's timestamp."""
+    return time.time_ns() // 1_000_000
+
+
+def encode_event(seq: int, type: str, data: str, timestamp: int) -> bytes:
+    """Return one SSE frame in the seed's framing, preceded by the event's id.
+
+    JSON escapes every newline inside ``data``, so the payload is always a single ``data:``
+    line, whatever text a model produced.
+    """
+    payload = json.dumps(
+        {"event": type, "data": data, "timestamp": timestamp},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return f"id: {seq}\ndata: {payload}\n\n".encode()
+
+
+@dataclass(slots=True)
+class Event:
+    """An event of one run, as it is streamed and stored."""
+
+    run_id: str
+    seq: int
+    type: str
+    data: str
+    timestamp: int
+
+    @property
+    def frame(self) -> bytes:
+        return encode_event(self.seq, self.type, self.data, self.timestamp)
+
+    @property
+    def is_final(self) -> bool:
+        return self.type in EventType.FINAL
+
+
+def json_data(value: object) -> str:
+    """Encode an event payload that is itself JSON (START, TOOL_START, TOOL_END, STOP)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+class RunChannel:
+    """The live events of one run executing in this process, for the streams that follow it.
+
+    ``events`` holds what this process published for the run, from ``first_seq`` on; streams
+    wait on the channel for more. The channel is dropped once the run has ended and its last
+    follower has left: by then everything is in the log.
+    """
+
+    def __init__(self, run_id: str, first_seq: int = 1) -> None:
+        self.run_id = run_id
+        self.first_seq = first_seq
+        self.events: list[Event] = []
+        self.closed = False
+        self._changed = gevent.event.Event()
+
+    @property
+    def next_seq(self) -> int:
+        return self.first_seq + len(self.events)
+
+    def make_event(self, type: str, data: str) -> Event:
+        """Create the run's next event without publishing it."""
+        return Event(self.run_id, self.next_seq, type, data, now_ms())
+
+    def publish(self, event: Event) -> None:
+        """Add an event to the channel and wake every stream waiting on it."""
+        assert event.seq == self.next_seq, "events are published in seq order"
+        self.events.append(event)
+        if event.is_final:
+            self.closed = True
+        self._wake()
+
+    def close(self) -> None:
+        """Mark the run as finished in this process (paused, or ended without a final event)."""
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, gevent.event.Event()
+        changed.set()
+
+    def follow(self, after: int, ping_interval: float) -> Iterator[bytes]:
+        """Yield the frames of events after seq ``after``, then live ones, until the run ends.
+
+        Yields a ping frame whenever nothing happened for ``ping_interval`` seconds, so proxies
+        keep the connection and a vanished client is noticed on the next write.
+        """
+        index = max(0, after + 1 - self.first_seq)
+        while True:
+            while index < len(self.events):
+                yield self.events[index].frame
+                index += 1
+            if self.closed:
+                return
+            if not self._changed.wait(ping_interval):
+                yield PING_FRAME
+
+
+class EventLog:
+    """Writes run events to the database in batches, off the streaming path.
+
+    A writer greenlet flushes whatever accumulated every ``flush_interval`` seconds: one
+    INSERT for many events of many runs, instead of a transaction per token. A run that
+    reaches a state others must see (its end, a pause) calls :meth:`flush` itself, in the same
+    transaction that records that state.
+    """
+
+    BATCH_ROWS = 500
+
+    def __init__(self, flush_interval: float) -> None:
+        self.flush_interval = flush_interval
+        self._pending: list[tuple[str, int, str, str, int]] = []
+        self._lock = threading.Lock()
+        self._writer: gevent.Greenlet | None = None
+
+    def append(self, event: Event) -> None:
+        self._pending.append((event.run_id, event.seq, event.type, event.data, event.timestamp))
+        if self._writer is None or self._writer.dead:
+            # Started on first use, so it lives in the worker process, not in a parent that
+            # forked it.
+            self._writer = gevent.spawn(self._write_forever)
+
+    def flush(self) -> None:
+        """Write every pending event now. Safe to call inside a transaction."""
+        with self._lock:
+            rows, self._pending = self._pending, []
+            if not rows:
+                return
+            try:
+                with database.connection_context(), database.atomic():
+                    for start in range(0, len(rows), self.BATCH_ROWS):
+                        (
+                            RunEvent.insert_many(
+                                rows[start : start + self.BATCH_ROWS],
+                                fields=[
+                                    RunEvent.run,
+                                    RunEvent.seq,
+                                    RunEvent.type,
+                                    RunEvent.data,
+                                    RunEvent.timestamp,
+                                ],
+                            )
+                            .on_conflict_ignore()
+                            .execute()
+                        )
+            except Exception:
+                # Keep the events for the next attempt rather than lose them.
+                self._pending[:0] = rows
+                raise
+
+    def _write_forever(self) -> None:
+        while True:
+            gevent.sleep(self.flush_interval)
+            try:
+                self.flush()
+            except Exception:
+                logger.exception("writing run events failed; retrying")
+            if not self._pending:
+                # Nothing left to write: stop until the next append starts a writer again.
+                gevent.sleep(self.flush_interval)
+                if not self._pending:
+                    self._writer = None
+                    return

@@ -1,0 +1,258 @@
+"""The agent loop: call the model, stream what it says, call the tools it asks for, repeat.
+
+One :class:`AgentLoop` drives one run. It turns the provider's deltas into run events through
+the ``emit`` callback, executes tool calls between model calls, and keeps everything the run
+produced so far on itself, so a run that is cancelled or fails still has its partial answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+
+from ..providers.base import (
+    ContentDelta,
+    FinishDelta,
+    ModelRequest,
+    Provider,
+    ReasoningDelta,
+    ToolCallDelta,
+    UsageDelta,
+)
+from .agents import Agent
+from .events import EventType, json_data
+
+logger = logging.getLogger(__name__)
+
+FOLLOWUPS_INSTRUCTIONS = (
+    "Suggest exactly three short follow-up questions the user might ask next about this "
+    "conversation. Write one question per line and nothing else."
+)
+
+Emit = Callable[[str, str], None]
+
+
+class RunCancelled(Exception):
+    """Raised inside the loop when the run was asked to stop."""
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    model_calls: int = 0
+
+    def add(self, delta: UsageDelta) -> None:
+        self.input_tokens += delta.input_tokens
+        self.output_tokens += delta.output_tokens
+        self.reasoning_tokens += delta.reasoning_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "model_calls": self.model_calls,
+        }
+
+
+@dataclass
+class _PendingCall:
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass
+class AgentLoop:
+    """Runs one agent over a conversation; read its fields for what the run produced."""
+
+    agent: Agent
+    provider: Provider
+    model: str
+    emit: Emit
+    is_cancelled: Callable[[], bool] = lambda: False
+    temperature: float | None = None
+    max_tokens: int | None = None
+    tool_timeout: float = 30.0
+    generate_followups: bool = False
+
+    content: list[str] = field(default_factory=list)
+    reasoning_steps: list[str] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    followups: list[str] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    # What this run adds to the conversation, in order: assistant turns and tool results.
+    new_messages: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def answer(self) -> str:
+        return "".join(self.content)
+
+    def run(self, history: list[dict[str, Any]]) -> None:
+        """Run the agent on a conversation ending with the user's message."""
+        system = [{"role": "system", "content": self.agent.instructions}]
+        conversation = (system if self.agent.instructions else []) + history
+        tools = [t.spec for t in self.agent.tools]
+        for step in range(self.agent.max_steps):
+            # On the last step the model gets no tools, so it has to answer.
+            last_step = step == self.agent.max_steps - 1
+            request = ModelRequest(
+                model=self.model,
+                messages=conversation + self.new_messages,
+                tools=[] if last_step else tools,
+                temperature=self.temperature,
+                max_tokens=self.max_tokens,
+            )
+            text, calls = self._call_model(request)
+            if not calls:
+                self.new_messages.append({"role": "assistant", "content": text})
+                break
+            self.new_messages.append({"role": "assistant", "content": text, "tool_calls": calls})
+            for call in calls:
+                self._check_cancelled()
+                self._call_tool(call)
+        if self.generate_followups:
+            self._suggest_followups(conversation)
+
+    def _check_cancelled(self) -> None:
+        if self.is_cancelled():
+            raise RunCancelled()
+
+    def _call_model(self, request: ModelRequest) -> tuple[str, list[dict[str, Any]]]:
+        """Stream one model call into events; return its text and the tool calls it made."""
+        self.usage.model_calls += 1
+        text: list[str] = []
+        reasoning: list[str] = []
+        pending: dict[int, _PendingCall] = {}
+        for delta in self.provider.stream(request):
+            self._check_cancelled()
+            if isinstance(delta, ContentDelta):
+                if delta.text:
+                    text.append(delta.text)
+                    self.content.append(delta.text)
+                    self.emit(EventType.CONTENT_DELTA, delta.text)
+            elif isinstance(delta, ReasoningDelta):
+                if delta.text:
+                    reasoning.append(delta.text)
+                    self.emit(EventType.REASONING_DELTA, delta.text)
+            elif isinstance(delta, ToolCallDelta):
+                call = pending.setdefault(delta.index, _PendingCall())
+                call.id = delta.id or call.id
+                call.name = delta.name or call.name
+                call.arguments += delta.arguments
+            elif isinstance(delta, UsageDelta):
+                self.usage.add(delta)
+            elif isinstance(delta, FinishDelta):
+                pass
+        if reasoning:
+            self.reasoning_steps.append("".join(reasoning))
+        calls = [
+            {
+                "id": call.id or f"call_{self.usage.model_calls}_{index}",
+                "name": call.name,
+                "arguments": call.arguments,
+            }
+            for index, call in sorted(pending.items())
+        ]
+        return "".join(text), calls
+
+    def _call_tool(self, call: dict[str, Any]) -> None:
+        """Run one tool call between TOOL_START and TOOL_END; a failure becomes its result."""
+        name = call["name"]
+        raw = call["arguments"] or "{}"
+        try:
+            arguments = json.loads(raw)
+            if not isinstance(arguments, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            arguments = None
+        call["arguments"] = arguments if arguments is not None else raw
+        self.emit(
+            EventType.TOOL_START,
+            json_data({"id": call["id"], "name": name, "arguments": call["arguments"]}),
+        )
+        started = time.monotonic()
+        result: Any = None
+        error: str | None = None
+        tool = self.agent.tool(name)
+        if tool is None:
+            error = f"Unknown tool {name!r}."
+        elif arguments is None:
+            error = f"The arguments are not a JSON object: {raw[:200]}"
+        else:
+            timeout = tool.timeout or self.tool_timeout
+            try:
+                with gevent.Timeout(timeout):
+                    result = tool.function(**arguments)
+            except gevent.Timeout:
+                error = f"The tool did not finish within {timeout:g} seconds."
+            except Exception as exc:  # a tool's failure is a result the model can react to
+                error = f"{type(exc).__name__}: {exc}"
+        duration_ms = int((time.monotonic() - started) * 1000)
+        if result is not None and not isinstance(result, (str, int, float, bool, list, dict)):
+            result = str(result)
+        end: dict[str, Any] = {"id": call["id"], "name": name, "result": result}
+        if error is not None:
+            end["error"] = error
+        self.emit(EventType.TOOL_END, json_data(end))
+        self.tool_calls.append(
+            {
+                "name": name,
+                "arguments": call["arguments"],
+                "result": error if error is not None else result,
+                "duration_ms": duration_ms,
+                "is_error": error is not None,
+            }
+        )
+        content = result if isinstance(result, str) else json_data(result)
+        self.new_messages.append(
+            {
+                "role": "tool",
+                "tool_call_id": call["id"],
+                "name": name,
+                "content": f"Error: {error}" if error is not None else content,
+            }
+        )
+
+    def _suggest_followups(self, conversation: list[dict[str, Any]]) -> None:
+        """Ask the model for three next questions; a failure here costs only the followups."""
+        request = ModelRequest(
+            model=self.model,
+            messages=[
+                {"role": "system", "content": FOLLOWUPS_INSTRUCTIONS},
+                *conversation[1 if self.agent.instructions else 0 :],
+                {"role": "assistant", "content": self.answer},
+                {"role": "user", "content": FOLLOWUPS_INSTRUCTIONS},
+            ],
+            temperature=self.temperature,
+            max_tokens=200,
+            purpose="followups",
+        )
+        self.usage.model_calls += 1
+        text = []
+        try:
+            for delta in self.provider.stream(request):
+                self._check_cancelled()
+                if isinstance(delta, ContentDelta):
+                    text.append(delta.text)
+                elif isinstance(delta, UsageDelta):
+                    self.usage.add(delta)
+        except RunCancelled:
+            raise
+        except Exception:
+            logger.exception("suggesting followups failed")
+            return
+        lines = (
+            re.sub(r"^\s*(?:[-*•]|\d+[.)])\s*", "", line).strip()
+            for line in "".join(text).splitlines()
+        )
+        self.followups = [line for line in lines if line][:3]

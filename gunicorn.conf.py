@@ -1,0 +1,33 @@
+"""gunicorn settings for Agent Runs. Imports nothing from the application.
+
+Every AGENT_RUNS_* setting of the application itself is read from the environment by the app;
+the ones here shape the server around it.
+"""
+
+import multiprocessing
+import os
+
+bind = os.environ.get("AGENT_RUNS_BIND", "127.0.0.1:8080")
+
+# The gevent worker serves each connection in a greenlet, so one worker holds thousands of
+# open streams; it monkey-patches the standard library before the application is loaded.
+worker_class = "gevent"
+workers = int(os.environ.get("AGENT_RUNS_WORKERS", min(2, multiprocessing.cpu_count())))
+
+# gunicorn's default of 1,000 connections per worker would queue every stream past the
+# thousandth; the listen backlog must absorb bursts of new streams as well.
+worker_connections = int(os.environ.get("AGENT_RUNS_WORKER_CONNECTIONS", 10_000))
+backlog = int(os.environ.get("AGENT_RUNS_BACKLOG", 4096))
+
+# For the gevent worker, timeout only bounds how long the worker may go without a heartbeat;
+# streams may last far longer than this. On SIGTERM, in-flight runs get graceful_timeout.
+timeout = 60
+graceful_timeout = int(os.environ.get("AGENT_RUNS_GRACEFUL_TIMEOUT", 30))
+keepalive = 5
+
+accesslog = os.environ.get("AGENT_RUNS_ACCESS_LOG", "-")
+loglevel = os.environ.get("AGENT_RUNS_LOG_LEVEL", "info")
+
+# gunicorn's control socket lives at one fixed path per user, which several servers on one
+# machine would fight over; Agent Runs needs none of its commands.
+control_socket_disable = True
