@@ -25,7 +25,7 @@ timeout = 60
 graceful_timeout = int(os.environ.get("AGENT_RUNS_GRACEFUL_TIMEOUT", 30))
 keepalive = 5
 
-accesslog = os.environ.get("AGENT_RUNS_ACCESS_LOG", "-")
+accesslog = os.environ.get("AGENT_RUNS_ACCESS_LOG", "-") or None
 loglevel = os.environ.get("AGENT_RUNS_LOG_LEVEL", "info")
 
 # gunicorn's control socket lives at one fixed path per user, which several servers on one

@@ -56,6 +56,7 @@ class RunStatus:
 class ApiToken(BaseModel):
     """A bearer token. Only the SHA-256 of the secret is stored."""
 
+    id = peewee.AutoField()
     token_hash = peewee.CharField(max_length=64, unique=True)
     # The first characters of the secret, so an operator can tell tokens apart in a listing.
     prefix = peewee.CharField(max_length=16)
@@ -75,6 +76,7 @@ class Session(BaseModel):
     globally, so two tenants who both pick the seed's example UUID never share a conversation.
     """
 
+    id = peewee.AutoField()
     uid = peewee.CharField(max_length=128)
     org_id = peewee.CharField(max_length=128)
     # "" when the run was not made for a particular user; kept non-null so the unique key holds.
@@ -140,6 +142,7 @@ class RunEvent(BaseModel):
 class Message(BaseModel):
     """One message of a session's conversation, in the order the model saw it."""
 
+    id = peewee.AutoField()
     session = peewee.ForeignKeyField(Session, backref="messages", on_delete="CASCADE")
     run = peewee.ForeignKeyField(Run, null=True, on_delete="CASCADE")
     role = peewee.CharField(max_length=16)

@@ -6,6 +6,8 @@ import ast
 import datetime
 import hashlib
 import operator
+from collections.abc import Callable
+from typing import Any
 
 from .agents import tool
 
@@ -39,7 +41,7 @@ def get_current_time() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-_OPERATORS = {
+_OPERATORS: dict[type[ast.AST], Callable[..., Any]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
     ast.Mult: operator.mul,

@@ -184,7 +184,7 @@ def start_run(
     return StartedRun(run=run, session_uid=uid, channel=channel, greenlet=greenlet)
 
 
-def runs_of(principal: Principal) -> peewee.ModelSelect:
+def runs_of(principal: Principal) -> peewee.ModelSelect[Run]:
     """Select the runs the caller may see, each with its session's public id."""
     query = Run.select(Run, Session.uid).join(Session).where(Run.org_id == principal.org_id)
     if principal.user_id is not None:

@@ -1,0 +1,5 @@
+"""``python -m agent_runs`` is the ``agent-runs`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,68 @@
+"""Fixtures: an application on a fresh SQLite file, its test client, a token, a live server.
+
+The standalone server runs under gunicorn's gevent worker, which monkey-patches the standard
+library before loading the app; the tests patch it the same way, first thing, so greenlets,
+sockets and the database behave here as they do in production.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+from agent_runs import create_app  # noqa: E402
+from agent_runs.auth import create_token  # noqa: E402
+from agent_runs.db import database  # noqa: E402
+
+from .server import GunicornServer  # noqa: E402
+
+
+@pytest.fixture
+def database_url(tmp_path):
+    return f"sqlite:///{tmp_path / 'agent_runs.sqlite3'}"
+
+
+@pytest.fixture
+def app(database_url):
+    app = create_app({"AGENT_RUNS_DATABASE_URL": database_url, "TESTING": True})
+    yield app
+    # Let runs started by the test finish before the next test rebinds the database.
+    app.extensions["agent_runs"].executor.join(timeout=10)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+def make_token(org_id="acme", user_id=None):
+    """Create a token in the current database; return the Authorization headers for it."""
+    with database.connection_context():
+        _, secret = create_token(org_id, user_id)
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture
+def auth(app):
+    return make_token()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real gunicorn (gevent worker) on a free loopback port, on its own SQLite file."""
+    folder = tmp_path_factory.mktemp("server")
+    with GunicornServer(folder) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

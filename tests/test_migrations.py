@@ -1,0 +1,39 @@
+"""The schema comes from migrations/ through playhouse.migrations, applied on start."""
+
+from playhouse.migrations import Runner
+
+from agent_runs import create_app
+from agent_runs.db import database, migrate, migrations_directory
+from agent_runs.models import MODELS
+
+
+def test_start_applies_the_migrations_once(database_url):
+    create_app({"AGENT_RUNS_DATABASE_URL": database_url})
+    with database.connection_context():
+        status = Runner(database.obj, directory=migrations_directory()).status()
+        assert [m.name for m in status] == ["0001_initial"]
+        assert all(m.applied for m in status)
+        tables = set(database.get_tables())
+    assert {model._meta.table_name for model in MODELS} <= tables
+    assert migrate() == []
+    create_app({"AGENT_RUNS_DATABASE_URL": database_url})
+
+
+def test_the_models_match_the_migrated_columns(database_url):
+    create_app({"AGENT_RUNS_DATABASE_URL": database_url})
+    with database.connection_context():
+        for model in MODELS:
+            columns = {c.name for c in database.get_columns(model._meta.table_name)}
+            assert columns == {f.column_name for f in model._meta.sorted_fields}, model
+
+
+def test_sqlite_runs_in_wal_mode(database_url):
+    create_app({"AGENT_RUNS_DATABASE_URL": database_url})
+    with database.connection_context():
+        assert database.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_migrate_on_start_can_be_turned_off(database_url):
+    create_app({"AGENT_RUNS_DATABASE_URL": database_url, "AGENT_RUNS_MIGRATE_ON_START": False})
+    with database.connection_context():
+        assert database.get_tables() == []
