@@ -100,11 +100,16 @@ def list_agents_command() -> None:
 
 
 def _gunicorn_config(explicit: str | None) -> str | None:
-    """Find gunicorn.conf.py: the option, the working directory, then the installed copy."""
+    """Find gunicorn.conf.py: the option, the working directory, then the project's own.
+
+    The project's copy sits beside app/ in a checkout (an editable install) and under
+    share/agent-runs in an installed wheel.
+    """
     candidates = [
         explicit,
         os.environ.get("AGENT_RUNS_GUNICORN_CONFIG"),
         "gunicorn.conf.py",
+        os.path.join(os.path.dirname(os.path.dirname(__file__)), "gunicorn.conf.py"),
         os.path.join(sys.prefix, "share", "agent-runs", "gunicorn.conf.py"),
     ]
     return next((path for path in candidates if path and os.path.isfile(path)), None)

@@ -8,10 +8,41 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+)")
+
+
+def wait_until_serving(process: subprocess.Popen, log_path: Path, timeout: float = 30) -> str:
+    """Return the base URL once gunicorn listens and a worker answers HTTP; raise if it dies.
+
+    Waiting for an answer rather than for the "Booting worker" line matters: a worker that
+    gets SIGTERM while still loading the application misses it, and gunicorn then waits the
+    whole graceful timeout before killing it.
+    """
+    deadline = time.monotonic() + timeout
+    url = ""
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        match = LISTENING.search(log_path.read_text(errors="replace"))
+        if match:
+            url = f"http://127.0.0.1:{match.group(1)}"
+            try:
+                with urllib.request.urlopen(url + "/api/agents", timeout=2):
+                    pass
+            except urllib.error.HTTPError as answer:
+                # The 401 of an unauthenticated request: the worker is serving. Close it, or
+                # the idle keep-alive connection holds up a graceful shutdown.
+                answer.close()
+                return url
+            except OSError:
+                pass
+        time.sleep(0.05)
+    raise RuntimeError(f"the server did not start:\n{log_path.read_text(errors='replace')}")
 
 
 class GunicornServer:
@@ -67,18 +98,11 @@ class GunicornServer:
             stderr=subprocess.STDOUT,
             cwd=self.folder,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            match = LISTENING.search(self.log_path.read_text(errors="replace"))
-            if match and "Booting worker" in self.log_path.read_text(errors="replace"):
-                self.url = f"http://127.0.0.1:{match.group(1)}"
-                break
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        if not self.url:
+        try:
+            self.url = wait_until_serving(self.process, self.log_path)
+        except RuntimeError:
             self.__exit__(None, None, None)
-            raise RuntimeError(f"gunicorn did not start:\n{self.log_path.read_text()}")
+            raise
         return self
 
     @property

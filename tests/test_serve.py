@@ -1,0 +1,64 @@
+"""`agent-runs serve`: migrates, announces a first token once, and serves under gunicorn."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import requests
+
+from .server import wait_until_serving
+
+
+def serve(folder, env):
+    """Start `agent-runs serve` on a free port; return the process, its output and its URL."""
+    log_path = folder / f"serve-{time.monotonic_ns()}.log"
+    log = open(log_path, "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent_runs", "serve", "--bind", "127.0.0.1:0", "--workers", "1"],
+        env=env,
+        cwd=folder,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = wait_until_serving(process, log_path)
+    except RuntimeError:
+        process.kill()
+        raise
+    return process, log_path.read_text(errors="replace"), url
+
+
+def stop(process):
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=35)
+
+
+def test_serve_announces_a_first_token_once_and_serves_with_it(tmp_path):
+    env = {
+        **os.environ,
+        "AGENT_RUNS_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.sqlite3'}",
+        "AGENT_RUNS_ACCESS_LOG": "",
+    }
+    process, output, url = serve(tmp_path, env)
+    try:
+        [token] = set(re.findall(r"ar_[A-Za-z0-9_-]{20,}", output))
+        assert "curl -N http://127.0.0.1:0/api/agents/finance_agent/runs/stream" in output
+        assert f'-H "Authorization: Bearer {token}"' in output
+        assert "Using worker: gevent" in output
+        with requests.post(
+            f"{url}/api/agents/assistant/runs",
+            headers={"Authorization": f"Bearer {token}", "Connection": "close"},
+            json={"message": "hello"},
+            timeout=10,
+        ) as response:
+            assert response.status_code == 200
+            assert response.json()["content"] == "You said: hello"
+    finally:
+        stop(process)
+
+    process, output, _ = serve(tmp_path, env)
+    stop(process)
+    assert "ar_" not in output and "No API token existed" not in output
