@@ -93,6 +93,9 @@ class Provider(Protocol):
 # Provider. Imported on first use, so an extra's SDK is needed only when it is used.
 PROVIDERS: dict[str, str] = {
     "scripted": "agent_runs.providers.scripted:ScriptedProvider",
+    "openai": "agent_runs.providers.openai:OpenAIProvider",
+    # An OpenAI-compatible server on localhost:11434 that needs no key.
+    "ollama": "agent_runs.providers.openai:ollama",
 }
 
 

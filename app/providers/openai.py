@@ -1,0 +1,487 @@
+"""Any OpenAI-compatible chat completions server: OpenAI, vLLM, Ollama, llama.cpp, LM Studio...
+
+The model string is ``openai:<model>`` (or ``ollama:<model>``, the same back end pointed at a
+local Ollama). The agent's ``model_options`` configure it:
+
+``base_url``
+    The server's API root, e.g. ``http://localhost:8000/v1``. Default: the ``OPENAI_BASE_URL``
+    environment variable, else ``https://api.openai.com/v1`` (``ollama``:
+    ``http://localhost:11434/v1``).
+``api_key`` / ``api_key_env``
+    The key, or the name of an environment variable that holds it (keeps keys out of agent
+    files). Without either, ``OPENAI_API_KEY`` is used, but only when ``base_url`` is not set
+    in the options: a key meant for the default server is never sent to a server an agent file
+    names. A server that needs no key gets a placeholder.
+``timeout``
+    Seconds to wait for the connection and for each piece of the answer (default 300); a
+    server silent for longer fails the call.
+``max_retries``
+    Further attempts after a 408, 429, 5xx or connection error (default 2), waiting
+    ``retry_delay`` seconds (default 0.5) doubled each time, or what ``Retry-After`` asks,
+    capped at 20 s. Only before the first delta is yielded: a stream cut after output reached
+    the run fails with :class:`ProviderError`, since a retry would repeat what was said.
+``extra_body``
+    A mapping merged into the request body, for server-specific parameters (``top_k``,
+    ``chat_template_kwargs``, ``reasoning_effort``...).
+
+Invalid option values raise ValueError when the provider is made; a missing key fails the
+model call with :class:`ProviderError`. There are no ``AGENT_RUNS_OPENAI_*`` variables: the
+SDK's own ``OPENAI_*`` ones are what users of these servers already set.
+
+The SDK's own retries are off (the policy above is ours). One client per (base_url, api_key)
+is shared by every run of the process, so its TLS setup and connection pool are made once.
+
+Reasoning comes from the non-standard ``reasoning_content`` or ``reasoning`` field of a delta
+(DeepSeek, vLLM, Ollama, OpenRouter) and from ``<think>...</think>`` inside the content.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import gevent
+import gevent.monkey
+import openai
+
+from .base import (
+    ContentDelta,
+    Delta,
+    FinishDelta,
+    ModelRequest,
+    ProviderError,
+    ReasoningDelta,
+    ToolCallDelta,
+    ToolSpec,
+    UnknownModel,
+    UsageDelta,
+)
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+OLLAMA_BASE_URL = "http://localhost:11434/v1"
+# Sent as the key to servers that need none: the SDK insists on having one.
+NO_KEY = "no-key"
+
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_MAX_RETRIES = 2
+DEFAULT_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 20.0
+RETRY_STATUSES = frozenset({408, 409, 429})
+IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif"})
+
+# One client per (base_url, api_key), shared by every run of this process.
+_clients: dict[tuple[str, str], openai.OpenAI] = {}
+
+
+def _client(base_url: str, api_key: str) -> openai.OpenAI:
+    key = (base_url, api_key)
+    client = _clients.get(key)
+    if client is None:
+        with _trio_hidden():
+            client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+        client = _clients.setdefault(key, client)
+    return client
+
+
+@contextmanager
+def _trio_hidden() -> Iterator[None]:
+    """Make ``import trio`` fail cleanly while the SDK's HTTP layer loads, under gevent.
+
+    The HTTP layer (httpcore) tries ``import trio`` and expects ImportError when it is
+    absent. gevent's monkey-patching removes ``select.epoll``, so an installed trio fails to
+    import with AttributeError instead and no client can be made. A synchronous client never
+    uses trio, so it is hidden (``None`` in ``sys.modules``) for that moment only.
+    """
+    hide = "trio" not in sys.modules and gevent.monkey.is_module_patched("select")
+    if hide:
+        sys.modules["trio"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if hide and sys.modules.get("trio", 0) is None:
+            del sys.modules["trio"]
+
+
+def _display_url(url: str) -> str:
+    """Return a URL fit for an error message: no credentials, no query."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _number(options: Mapping[str, Any], key: str, default: float, kind: type = float) -> Any:
+    value = options.get(key)
+    if value is None:
+        return default
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"model_options.{key} must be a number, not {value!r}") from None
+    if number < 0:
+        raise ValueError(f"model_options.{key} must not be negative")
+    return number
+
+
+class OpenAIProvider:
+    """Streams chat completions from an OpenAI-compatible server."""
+
+    def __init__(
+        self,
+        model: str,
+        options: Mapping[str, Any] | None = None,
+        *,
+        default_base_url: str | None = None,
+        default_api_key: str | None = None,
+    ) -> None:
+        options = options or {}
+        if not model:
+            raise UnknownModel("name the model after the provider, e.g. 'openai:gpt-4o-mini'")
+        self.model = model
+        if options.get("base_url"):
+            self.base_url = str(options["base_url"])
+            fallback_key = None
+        else:
+            self.base_url = default_base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL
+            fallback_key = default_api_key or os.environ.get("OPENAI_API_KEY")
+        # A missing key is reported when the model is called, so the run fails saying why.
+        self.missing_key: str | None = None
+        if options.get("api_key"):
+            self.api_key = str(options["api_key"])
+        elif options.get("api_key_env"):
+            self.api_key = os.environ.get(str(options["api_key_env"]), "")
+            if not self.api_key:
+                self.missing_key = (
+                    f"The API key variable {options['api_key_env']!r} named by the agent's "
+                    "model_options api_key_env is not set."
+                )
+        else:
+            self.api_key = fallback_key or ""
+            if not self.api_key and self.base_url == OPENAI_BASE_URL:
+                self.missing_key = (
+                    f"No API key for {self.base_url}: set OPENAI_API_KEY, or the agent's "
+                    "model_options api_key or api_key_env."
+                )
+        self.timeout = _number(options, "timeout", DEFAULT_TIMEOUT)
+        self.max_retries = _number(options, "max_retries", DEFAULT_MAX_RETRIES, int)
+        self.retry_delay = _number(options, "retry_delay", DEFAULT_RETRY_DELAY)
+        extra_body = options.get("extra_body") or {}
+        if not isinstance(extra_body, Mapping):
+            raise ValueError("model_options.extra_body must be a mapping")
+        self.extra_body = dict(extra_body)
+
+    def __repr__(self) -> str:
+        return f"OpenAIProvider({self.model!r}, base_url={_display_url(self.base_url)!r})"
+
+    def stream(self, request: ModelRequest) -> Iterator[Delta]:
+        """Call the model and yield its deltas, retrying failures that happen before output."""
+        if self.missing_key:
+            raise ProviderError(self.missing_key)
+        client = _client(self.base_url, self.api_key or NO_KEY)
+        params = self._params(request)
+        attempt = 0
+        while True:
+            yielded = False
+            try:
+                response = client.chat.completions.create(**params)
+                try:
+                    for delta in _read_stream(response):
+                        yielded = True
+                        yield delta
+                finally:
+                    # Also when the consumer stops early (a cancelled run): drop the
+                    # connection now rather than let the server generate for nobody.
+                    response.close()
+                return
+            except (openai.APIError, _StreamTruncated) as error:
+                if yielded or attempt >= self.max_retries or not _retryable(error):
+                    raise ProviderError(self._describe(error, after_output=yielded)) from None
+                gevent.sleep(self._backoff(attempt, error))
+                attempt += 1
+            except (openai.OpenAIError, ValueError) as error:
+                # ValueError: a chunk that is not JSON, i.e. not an OpenAI-compatible server.
+                raise ProviderError(self._describe(error, after_output=yielded)) from None
+
+    def _params(self, request: ModelRequest) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "model": request.model or self.model,
+            "messages": [_message(m) for m in request.messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "timeout": self.timeout,
+        }
+        if request.tools:
+            params["tools"] = [_tool(spec) for spec in request.tools]
+        if request.temperature is not None:
+            params["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            params["max_tokens"] = request.max_tokens
+        if self.extra_body:
+            params["extra_body"] = self.extra_body
+        return params
+
+    def _backoff(self, attempt: int, error: Exception) -> float:
+        """Seconds to wait before the next attempt: what the server asks, else exponential."""
+        asked = _retry_after(error)
+        if asked is not None:
+            return min(asked, MAX_RETRY_DELAY)
+        delay = min(self.retry_delay * 2**attempt, MAX_RETRY_DELAY)
+        # Jitter, so runs that failed together do not all come back at once.
+        return delay * random.uniform(0.75, 1.0)
+
+    def _describe(self, error: Exception, *, after_output: bool) -> str:
+        """Say what went wrong, without the API key."""
+        where = f"{self.model} at {_display_url(self.base_url)}"
+        if isinstance(error, openai.APIStatusError):
+            detail = f"HTTP {error.status_code}: {_error_message(error)}"
+        elif isinstance(error, openai.APITimeoutError):
+            detail = f"no answer within {self.timeout:g} seconds"
+        elif isinstance(error, openai.APIConnectionError):
+            cause = error.__cause__
+            detail = f"connection failed ({cause or error})"
+        else:
+            detail = str(error) or type(error).__name__
+        if after_output:
+            detail = f"the stream broke after output had started: {detail}"
+        message = f"Model call to {where} failed: {detail}"
+        if len(self.api_key) >= 8:
+            message = message.replace(self.api_key, "***")
+        return message[:1000]
+
+
+def ollama(model: str, options: Mapping[str, Any] | None = None) -> OpenAIProvider:
+    """Return the OpenAI-compatible provider pointed at a local Ollama (no key needed)."""
+    return OpenAIProvider(model, options, default_base_url=OLLAMA_BASE_URL, default_api_key=NO_KEY)
+
+
+class _StreamTruncated(Exception):
+    """The server ended the stream without saying the answer was finished."""
+
+
+def _retryable(error: Exception) -> bool:
+    if isinstance(error, openai.APIStatusError):
+        return error.status_code in RETRY_STATUSES or error.status_code >= 500
+    return isinstance(error, (openai.APIConnectionError, _StreamTruncated))
+
+
+def _retry_after(error: Exception) -> float | None:
+    """Return the wait a 429/503 response asks for, in seconds, if it says."""
+    if not isinstance(error, openai.APIStatusError):
+        return None
+    headers = error.response.headers
+    for header, scale in (("retry-after-ms", 1000), ("retry-after", 1)):
+        value = headers.get(header)
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value) / scale)
+        except ValueError:
+            pass
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            continue
+        return max(0.0, when.timestamp() - time.time())
+    return None
+
+
+def _error_message(error: openai.APIStatusError) -> str:
+    body = error.body
+    if isinstance(body, Mapping):
+        # The SDK hands over the "error" object of {"error": {...}} bodies, or the whole body.
+        inner = body.get("error", body)
+        message = inner.get("message") if isinstance(inner, Mapping) else inner
+        if message:
+            return str(message)[:500]
+    if isinstance(body, str) and body:
+        return body[:500]
+    return error.response.reason_phrase or "error"
+
+
+# Requests ----------------------------------------------------------------------------------
+
+
+def _tool(spec: ToolSpec) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {
+            "name": spec.name,
+            "description": spec.description,
+            "parameters": spec.parameters,
+        },
+    }
+
+
+def _image_url(media: Mapping[str, Any]) -> str:
+    """Return the URL an image part points at: an http(s) URL as is, base64 as a data: URL."""
+    mime = str(media.get("type", "")).lower()
+    data = str(media.get("data", "")).strip()
+    if mime not in IMAGE_TYPES:
+        raise ProviderError(f"This model accepts images only, not {mime or 'untyped'} media.")
+    if data.startswith(("http://", "https://", "data:")):
+        return data
+    compact = "".join(data.split())
+    try:
+        base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProviderError(f"An {mime} attachment is neither a URL nor base64 data.") from None
+    return f"data:{mime};base64,{compact}"
+
+
+def _arguments(arguments: Any) -> str:
+    """Tool-call arguments as the JSON text the API carries."""
+    if isinstance(arguments, str):
+        return arguments
+    return json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
+
+
+def _message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """Translate one neutral message (see :mod:`.base`) into a chat completions message."""
+    role = message["role"]
+    content = message.get("content") or ""
+    if role == "tool":
+        return {"role": "tool", "tool_call_id": message["tool_call_id"], "content": content}
+    if role == "assistant":
+        translated: dict[str, Any] = {"role": "assistant", "content": content}
+        if message.get("tool_calls"):
+            translated["tool_calls"] = [
+                {
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": _arguments(call["arguments"])},
+                }
+                for call in message["tool_calls"]
+            ]
+        return translated
+    if role == "user" and message.get("media"):
+        parts: list[dict[str, Any]] = [{"type": "text", "text": content}] if content else []
+        parts.extend(
+            {"type": "image_url", "image_url": {"url": _image_url(media)}}
+            for media in message["media"]
+        )
+        return {"role": "user", "content": parts}
+    return {"role": role, "content": content}
+
+
+# Responses ---------------------------------------------------------------------------------
+
+
+def _read_stream(chunks: Any) -> Iterator[Delta]:
+    """Turn a stream of chat completion chunks into deltas; usage and finish come last."""
+    think = _ThinkSplitter()
+    usage: Any = None
+    finish: str | None = None
+    for chunk in chunks:
+        if getattr(chunk, "usage", None):
+            # Some servers repeat a running total on every chunk: the last one counts.
+            usage = chunk.usage
+        for choice in getattr(chunk, "choices", None) or ():
+            if getattr(choice, "index", 0) != 0:
+                continue
+            delta = getattr(choice, "delta", None)
+            if delta is not None:
+                reasoning = _extra(delta, "reasoning_content") or _extra(delta, "reasoning")
+                if isinstance(reasoning, str) and reasoning:
+                    yield ReasoningDelta(reasoning)
+                if getattr(delta, "content", None):
+                    yield from think.feed(delta.content)
+                if getattr(delta, "refusal", None):
+                    yield ContentDelta(delta.refusal)
+                for position, call in enumerate(getattr(delta, "tool_calls", None) or ()):
+                    index = getattr(call, "index", None)
+                    function = getattr(call, "function", None)
+                    yield ToolCallDelta(
+                        index=index if isinstance(index, int) else position,
+                        id=getattr(call, "id", None) or None,
+                        name=getattr(function, "name", None) or None,
+                        arguments=getattr(function, "arguments", None) or "",
+                    )
+            if getattr(choice, "finish_reason", None):
+                finish = choice.finish_reason
+    yield from think.flush()
+    if finish is None:
+        raise _StreamTruncated("the stream ended before the model finished its answer")
+    if usage is not None:
+        details = getattr(usage, "completion_tokens_details", None)
+        yield UsageDelta(
+            input_tokens=getattr(usage, "prompt_tokens", None) or 0,
+            output_tokens=getattr(usage, "completion_tokens", None) or 0,
+            reasoning_tokens=getattr(details, "reasoning_tokens", None) or 0,
+        )
+    yield FinishDelta(finish)
+
+
+def _extra(delta: Any, name: str) -> Any:
+    """Read a field the SDK's types do not declare."""
+    value = getattr(delta, name, None)
+    if value is None:
+        value = (getattr(delta, "model_extra", None) or {}).get(name)
+    return value
+
+
+class _ThinkSplitter:
+    """Split content into reasoning (inside ``<think>...</think>``) and answer text.
+
+    A tag may arrive cut across chunks, so text that could be the start of a tag is held back
+    until the next chunk tells.
+    """
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self) -> None:
+        self.thinking = False
+        self.pending = ""
+        # After </think> models put blank lines before the answer; they are not the answer.
+        self.strip_next = False
+
+    def feed(self, text: str) -> Iterator[Delta]:
+        self.pending += text
+        while self.pending:
+            tag = self.CLOSE if self.thinking else self.OPEN
+            found = self.pending.find(tag)
+            if found >= 0:
+                yield from self._emit(self.pending[:found])
+                self.pending = self.pending[found + len(tag) :]
+                self.thinking = not self.thinking
+                self.strip_next = not self.thinking
+                continue
+            keep = _partial_suffix(self.pending, tag)
+            yield from self._emit(self.pending[: len(self.pending) - keep])
+            self.pending = self.pending[len(self.pending) - keep :]
+            break
+
+    def flush(self) -> Iterator[Delta]:
+        text, self.pending = self.pending, ""
+        yield from self._emit(text)
+
+    def _emit(self, text: str) -> Iterator[Delta]:
+        if self.thinking:
+            if text:
+                yield ReasoningDelta(text)
+            return
+        if self.strip_next:
+            text = text.lstrip()
+            if not text:
+                return
+            self.strip_next = False
+        if text:
+            yield ContentDelta(text)
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of ``text`` that is the beginning of ``tag``."""
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:size]):
+            return size
+    return 0
