@@ -56,23 +56,21 @@ def problem(
 
 
 def validation_problem(errors: dict[str, Any], where: str = "body") -> Response:
-    """Return the 422 for marshmallow errors, naming every field that failed."""
-    fields = ", ".join(sorted(_field_paths(errors)))
-    return problem(422, f"Invalid request {where}: {fields}.", errors=errors)
+    """Return the 422 for marshmallow errors; its detail names each field and what is wrong."""
+    reasons = "; ".join(f"{path}: {message}" for path, message in _field_messages(errors))
+    return problem(422, f"Invalid request {where}. {reasons}", errors=errors)
 
 
-def _field_paths(errors: Any, prefix: str = "") -> list[str]:
-    """List the dotted paths of the fields named in a marshmallow error dictionary."""
+def _field_messages(errors: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """List (dotted field path, first message) for a marshmallow error dictionary."""
     if not isinstance(errors, dict):
-        return [prefix or "body"]
-    paths = []
-    for key, value in errors.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            paths.extend(_field_paths(value, path))
-        else:
-            paths.append(path)
-    return paths
+        messages = errors if isinstance(errors, list) else [errors]
+        first = messages[0] if messages else "invalid"
+        return [(prefix or "body", str(first))]
+    found = []
+    for key, value in sorted(errors.items(), key=lambda item: str(item[0])):
+        found.extend(_field_messages(value, f"{prefix}.{key}" if prefix else str(key)))
+    return found
 
 
 def handle_api_error(error: ApiError) -> Response:
@@ -82,8 +80,10 @@ def handle_api_error(error: ApiError) -> Response:
 
 
 def handle_validation_error(error: ValidationError) -> Response:
+    from flask import request
+
     messages = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
-    return validation_problem(messages)
+    return validation_problem(messages, "body" if request.method in ("POST", "PUT") else "query")
 
 
 def handle_http_exception(error: HTTPException) -> Response:

@@ -24,6 +24,10 @@ def _json_body() -> dict[str, Any]:
     if not request.is_json:
         raise ApiError(415, "Send the request body as JSON with Content-Type: application/json.")
     body = request.get_json(silent=True)
+    if request.content_length is None:
+        # A chunked body is cut at the size limit rather than refused; reading one byte past
+        # the limit raises the 413 it deserves.
+        request.stream.read(1)
     if body is None:
         raise ApiError(400, "The request body is not valid JSON.")
     if not isinstance(body, dict):
