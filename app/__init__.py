@@ -17,9 +17,9 @@ from typing import Any
 from flask import Flask
 
 from . import config as config_module
-from .db import migrate, open_database
+from .db import database, migrate, open_database
 from .runtime.agents import Agent, AgentRegistry, Tool, register_agent, register_tool, tool
-from .runtime.executor import Executor
+from .runtime.executor import Executor, ExecutorSettings, sweep_expired_runs
 
 __version__ = "0.1.0"
 
@@ -61,17 +61,28 @@ class AgentRuns:
         settings = {key: app.config[key] for key in config_module.DEFAULTS}
 
         open_database(settings["AGENT_RUNS_DATABASE_URL"])
+        executor = Executor(
+            ExecutorSettings(
+                flush_interval=settings["AGENT_RUNS_EVENT_FLUSH_INTERVAL"],
+                ping_interval=settings["AGENT_RUNS_PING_INTERVAL"],
+                tool_timeout=settings["AGENT_RUNS_TOOL_TIMEOUT"],
+                lease_seconds=settings["AGENT_RUNS_LEASE_SECONDS"],
+                poll_interval=settings["AGENT_RUNS_POLL_INTERVAL"],
+                max_background_runs=settings["AGENT_RUNS_MAX_BACKGROUND_RUNS"],
+                shutdown_timeout=settings["AGENT_RUNS_SHUTDOWN_TIMEOUT"],
+                retention_days=settings["AGENT_RUNS_EVENT_RETENTION_DAYS"],
+            )
+        )
         if settings["AGENT_RUNS_MIGRATE_ON_START"]:
             migrate()
+            # Runs left RUNNING by a worker that died are failed before anyone reads them.
+            with database.connection_context():
+                sweep_expired_runs(executor.log)
 
         app.extensions["agent_runs"] = AgentRunsState(
             config=settings,
             registry=AgentRegistry.from_file(settings["AGENT_RUNS_AGENTS_FILE"]),
-            executor=Executor(
-                flush_interval=settings["AGENT_RUNS_EVENT_FLUSH_INTERVAL"],
-                ping_interval=settings["AGENT_RUNS_PING_INTERVAL"],
-                tool_timeout=settings["AGENT_RUNS_TOOL_TIMEOUT"],
-            ),
+            executor=executor,
         )
 
         from .api import bp

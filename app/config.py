@@ -34,6 +34,17 @@ DEFAULTS: dict[str, Any] = {
     "AGENT_RUNS_MAX_CONTENT_LENGTH": 25 * 1024 * 1024,
     # Seconds a tool may run before it is stopped and reported as failed.
     "AGENT_RUNS_TOOL_TIMEOUT": 30.0,
+    # A running run's lease: renewed by its worker; once expired, the run is failed as lost.
+    "AGENT_RUNS_LEASE_SECONDS": 30.0,
+    # How often cancel requests from other workers are picked up, and how often a stream of a
+    # run executing on another worker reads new events, in seconds.
+    "AGENT_RUNS_POLL_INTERVAL": 0.25,
+    # Background runs executing at once per worker; the rest wait QUEUED.
+    "AGENT_RUNS_MAX_BACKGROUND_RUNS": 32,
+    # On shutdown, seconds runs still executing get to finish before they are failed.
+    "AGENT_RUNS_SHUTDOWN_TIMEOUT": 25.0,
+    # Days the events of a finished run are kept.
+    "AGENT_RUNS_EVENT_RETENTION_DAYS": 7.0,
 }
 
 _BOOLEAN_WORDS = {

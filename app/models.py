@@ -89,7 +89,10 @@ class Session(BaseModel):
     active_run_id = peewee.CharField(max_length=64, null=True)
 
     class Meta:
-        indexes = ((("org_id", "user_id", "uid"), True),)
+        indexes = (
+            (("org_id", "user_id", "uid"), True),
+            (("org_id", "updated_at"), False),
+        )
 
 
 class Run(BaseModel):
@@ -112,6 +115,8 @@ class Run(BaseModel):
     error_type = peewee.CharField(max_length=64, null=True)
     error = peewee.TextField(null=True)
     required_action = JSONField(null=True)
+    # The tool calls a PAUSED run still has to make, the first awaiting approval.
+    pending_calls = JSONField(null=True)
     cancel_requested = peewee.BooleanField(default=False)
     # Renewed by the executor while the run works; an expired lease means its worker died.
     lease_expires_at = peewee.DateTimeField(null=True)
@@ -123,6 +128,7 @@ class Run(BaseModel):
         indexes = (
             (("org_id", "agent_id", "created_at"), False),
             (("status", "lease_expires_at"), False),
+            (("session", "created_at"), False),
         )
 
 

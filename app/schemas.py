@@ -6,7 +6,9 @@ attributes are snake_case. Unknown fields are rejected, so a typo is a 422 that 
 
 from __future__ import annotations
 
+import base64
 import datetime
+import json
 from typing import Any
 
 from marshmallow import (
@@ -14,6 +16,7 @@ from marshmallow import (
     Schema,
     ValidationError,
     fields,
+    post_dump,
     post_load,
     validate,
     validates,
@@ -60,6 +63,10 @@ class RunOptionsSchema(StrictSchema):
     max_tokens = fields.Integer(
         data_key="maxTokens", strict=True, validate=validate.Range(min=1, max=1_000_000)
     )
+    # What a dropped /runs/stream connection means: the run goes on (default) or is cancelled.
+    on_disconnect = fields.String(
+        data_key="onDisconnect", validate=validate.OneOf(["continue", "cancel"])
+    )
 
 
 class RunRequestSchema(StrictSchema):
@@ -89,6 +96,18 @@ class RunRequestSchema(StrictSchema):
     def _media_count(self, value: list, **kwargs: Any) -> None:
         if len(value) > self.max_media:
             raise ValidationError(f"At most {self.max_media} items (got {len(value)}).")
+
+
+class ContinueRequestSchema(StrictSchema):
+    """The body of POST .../runs/{runId}/continue for a PAUSED run."""
+
+    action = fields.String(required=True, validate=validate.OneOf(["APPROVE", "REJECT"]))
+
+
+class EventsQuerySchema(StrictSchema):
+    """The query of GET .../runs/{runId}/events: resume after the event with seq ``after``."""
+
+    after = fields.Integer(validate=validate.Range(min=0))
 
 
 class BatchStatusQuerySchema(StrictSchema):
@@ -177,6 +196,14 @@ class ToolCallSchema(Schema):
     is_error = fields.Boolean(data_key="isError")
 
 
+class QueuedRunSchema(Schema):
+    """The 202 answer of POST .../runs/background."""
+
+    run_id = fields.String(attribute="id", data_key="runId")
+    session_id = fields.Function(lambda run: run.session.uid, data_key="sessionId")
+    status = fields.String()
+
+
 class RunResponseSchema(Schema):
     """The answer of the synchronous POST .../runs."""
 
@@ -192,3 +219,121 @@ class RunResponseSchema(Schema):
     usage = fields.Nested(UsageSchema, allow_none=True)
     error = fields.Function(_run_error)
     metadata = fields.Function(lambda run: {"model": run.model})
+
+
+# Sessions ----------------------------------------------------------------------------------
+
+
+class CursorField(fields.Field):
+    """An opaque page cursor: the sort key of the last item served, base64url-encoded JSON.
+
+    It loads to ``(timestamp, key)``, the position the next page starts after; ``key`` is the
+    item's id, of type ``key_type``. Only the server makes cursors, so anything else is a 422.
+    """
+
+    def __init__(self, *, key_type: type = int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.key_type = key_type
+
+    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> str | None:
+        if value is None:
+            return None
+        timestamp, key = value
+        raw = json.dumps([timestamp.isoformat(), key], separators=(",", ":"))
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any):
+        error = ValidationError("Not a cursor this server gave out; pass nextCursor as is.")
+        if not isinstance(value, str) or not value or len(value) > 512:
+            raise error
+        try:
+            raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+            timestamp, key = json.loads(raw)
+            position = datetime.datetime.fromisoformat(timestamp)
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise error from None
+        if type(key) is not self.key_type or position.tzinfo is not None:
+            raise error
+        return position, key
+
+
+def _user_filter(**kwargs: Any) -> fields.String:
+    # An identifier picks that user's sessions; an empty value picks the sessions not bound to
+    # any user (userId null on the wire), which an identifier cannot name.
+    return fields.String(
+        validate=validate.Regexp(
+            "^$|" + ID_PATTERN, error=ID_MESSAGE + " Or empty for sessions without a user."
+        ),
+        **kwargs,
+    )
+
+
+class SessionQuerySchema(StrictSchema):
+    """The query of GET, DELETE /sessions/{sessionId}: ``userId`` picks among several users."""
+
+    user_id = _user_filter(data_key="userId")
+
+
+class SessionListQuerySchema(SessionQuerySchema):
+    """The query of GET /sessions: filters and a page of at most ``limit`` sessions."""
+
+    agent_id = fields.String(data_key="agentId", validate=validate.Length(min=1, max=128))
+    limit = fields.Integer(validate=validate.Range(min=1, max=100), load_default=20)
+    cursor = CursorField(key_type=int)
+
+
+class SessionRunsQuerySchema(SessionQuerySchema):
+    """The query of GET /sessions/{sessionId}/runs: a page of at most ``limit`` runs."""
+
+    limit = fields.Integer(validate=validate.Range(min=1, max=100), load_default=20)
+    cursor = CursorField(key_type=str)
+
+
+class SessionSchema(Schema):
+    """A session as /sessions lists it."""
+
+    id = fields.String(attribute="uid")
+    agent_id = fields.String(data_key="agentId")
+    user_id = fields.Function(lambda session: session.user_id or None, data_key="userId")
+    org_id = fields.String(data_key="orgId")
+    created_at = UTCDateTime(data_key="createdAt")
+    updated_at = UTCDateTime(data_key="updatedAt")
+    active_run_id = fields.String(data_key="activeRunId", allow_none=True)
+
+
+class MessageSchema(Schema):
+    """One message of a session; the tool fields appear only on messages that have them."""
+
+    OPTIONAL = ("toolCalls", "toolCallId", "name")
+
+    role = fields.String()
+    content = fields.String()
+    tool_calls = fields.Raw(data_key="toolCalls")
+    tool_call_id = fields.String(data_key="toolCallId")
+    name = fields.String()
+    run_id = fields.String(data_key="runId", allow_none=True)
+    created_at = UTCDateTime(data_key="createdAt")
+
+    @post_dump
+    def _drop_absent(self, data: dict, **kwargs: Any) -> dict:
+        return {k: v for k, v in data.items() if v is not None or k not in self.OPTIONAL}
+
+
+class SessionDetailSchema(SessionSchema):
+    """GET /sessions/{sessionId}: the session and its conversation, oldest message first."""
+
+    messages = fields.List(fields.Nested(MessageSchema))
+
+
+class SessionPageSchema(Schema):
+    """A page of sessions; ``nextCursor`` is null on the last page."""
+
+    items = fields.List(fields.Nested(SessionSchema))
+    next_cursor = CursorField(data_key="nextCursor", allow_none=True)
+
+
+class SessionRunsPageSchema(Schema):
+    """A page of a session's runs, oldest first; ``nextCursor`` is null on the last page."""
+
+    items = fields.List(fields.Nested(AgentRunSchema))
+    next_cursor = CursorField(key_type=str, data_key="nextCursor", allow_none=True)

@@ -46,7 +46,10 @@ def _tables(db):
         active_run_id = CharField(max_length=64, null=True)
 
         class Meta:
-            indexes = ((("org_id", "user_id", "uid"), True),)
+            indexes = (
+                (("org_id", "user_id", "uid"), True),
+                (("org_id", "updated_at"), False),
+            )
 
     class Run(Base):
         id = CharField(max_length=64, primary_key=True)
@@ -66,6 +69,7 @@ def _tables(db):
         error_type = CharField(max_length=64, null=True)
         error = TextField(null=True)
         required_action = TextField(null=True)
+        pending_calls = TextField(null=True)
         cancel_requested = BooleanField(default=False)
         lease_expires_at = DateTimeField(null=True)
         created_at = DateTimeField(default=_now)
@@ -76,6 +80,7 @@ def _tables(db):
             indexes = (
                 (("org_id", "agent_id", "created_at"), False),
                 (("status", "lease_expires_at"), False),
+                (("session", "created_at"), False),
             )
 
     class RunEvent(Base):

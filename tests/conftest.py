@@ -30,7 +30,7 @@ def app(database_url):
     app = create_app({"AGENT_RUNS_DATABASE_URL": database_url, "TESTING": True})
     yield app
     # Let runs started by the test finish before the next test rebinds the database.
-    app.extensions["agent_runs"].executor.join(timeout=10)
+    app.extensions["agent_runs"].executor.shutdown(timeout=10)
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ def test_embedded_in_a_host_app_under_another_prefix(database_url):
         assert missing.mimetype == "application/problem+json"
         assert "tokens" in host.cli.commands
     finally:
-        host.extensions["agent_runs"].executor.join(timeout=10)
+        host.extensions["agent_runs"].executor.shutdown(timeout=10)
 
 
 def test_host_app_config_wins_over_the_environment(monkeypatch, database_url):

@@ -244,4 +244,4 @@ def test_quiet_streams_get_pings(database_url):
         assert parse_stream(text)[-1]["event"] == "STOP"
     finally:
         unregister_agent("sleepy")
-        app.extensions["agent_runs"].executor.join(timeout=10)
+        app.extensions["agent_runs"].executor.shutdown(timeout=10)

@@ -11,7 +11,7 @@ from flask import Blueprint, Response, current_app, g, request
 from ..auth import authenticate
 from ..db import database
 from ..errors import problem, register_error_handlers
-from ..runtime.runs import NotFound, RunRequestRejected
+from ..runtime.runs import NotFound, RunRequestRejected, RunStateConflict
 
 bp = Blueprint("agent_runs", __name__)
 register_error_handlers(bp)
@@ -20,6 +20,11 @@ register_error_handlers(bp)
 @bp.errorhandler(NotFound)
 def _not_found(error: NotFound) -> Response:
     return problem(404, error.message)
+
+
+@bp.errorhandler(RunStateConflict)
+def _conflict(error: RunStateConflict) -> Response:
+    return problem(409, error.message)
 
 
 @bp.errorhandler(RunRequestRejected)
@@ -32,8 +37,9 @@ def _rejected(error: RunRequestRejected) -> Response:
 @bp.before_request
 def _open_and_authenticate() -> None:
     # Bodies carry media inline, so the limit is ours, not the host application's.
-    config = current_app.extensions["agent_runs"].config
-    request.max_content_length = config["AGENT_RUNS_MAX_CONTENT_LENGTH"]
+    state = current_app.extensions["agent_runs"]
+    state.executor.ensure_started()
+    request.max_content_length = state.config["AGENT_RUNS_MAX_CONTENT_LENGTH"]
     g.agent_runs_db = database.connection_context()
     g.agent_runs_db.__enter__()
     g.principal = authenticate(request.headers.get("Authorization"))
@@ -46,4 +52,4 @@ def _close_database(exc: BaseException | None) -> None:
         context.__exit__(None, None, None)
 
 
-from . import agents, runs  # noqa: E402,F401  (views register themselves on bp)
+from . import agents, runs, sessions  # noqa: E402,F401  (views register themselves on bp)

@@ -1,15 +1,31 @@
-"""Starting runs (synchronous and streamed) and reading their status."""
+"""Starting, following, cancelling and continuing runs, and reading their status."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Response, current_app, g, request
 
 from ..errors import ApiError
-from ..runtime.runs import get_agent, get_run, get_runs, start_run
-from ..schemas import AgentRunSchema, BatchStatusQuerySchema, RunRequestSchema, RunResponseSchema
+from ..runtime.executor import ActiveRun, Executor
+from ..runtime.runs import (
+    cancel_run,
+    continue_run,
+    get_agent,
+    get_run,
+    get_runs,
+    start_run,
+)
+from ..schemas import (
+    AgentRunSchema,
+    BatchStatusQuerySchema,
+    ContinueRequestSchema,
+    EventsQuerySchema,
+    QueuedRunSchema,
+    RunRequestSchema,
+    RunResponseSchema,
+)
 from . import bp
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -39,37 +55,109 @@ def _json_body() -> dict[str, Any]:
     return body
 
 
-def _start(agent_id: str):
+def _start(agent_id: str, *, background: bool = False) -> tuple[ActiveRun, dict[str, Any]]:
     state = _state()
     agent = get_agent(state.registry, agent_id)
     body = RunRequestSchema(
         max_message_length=state.config["AGENT_RUNS_MAX_MESSAGE_LENGTH"],
         max_media=state.config["AGENT_RUNS_MAX_MEDIA"],
     ).load(_json_body())
-    return start_run(state.executor, agent, g.principal, body, default_model=state.default_model)
+    active = start_run(
+        state.executor,
+        agent,
+        g.principal,
+        body,
+        default_model=state.default_model,
+        background=background,
+    )
+    return active, body
 
 
-def event_stream(frames: Iterable[bytes]) -> Response:
+def event_stream(frames: Iterator[bytes]) -> Response:
     """Return a text/event-stream response that sends each frame as soon as it is produced."""
     return Response(
         frames, mimetype="text/event-stream", headers=SSE_HEADERS, direct_passthrough=True
     )
 
 
+def _follow_or_cancel(executor: Executor, run_id: str) -> Iterator[bytes]:
+    """Follow a run; if the client leaves before the end, cancel the run."""
+    finished = False
+    try:
+        yield from executor.follow(run_id)
+        finished = True
+    finally:
+        if not finished:
+            executor.cancel(run_id)
+
+
+def _run_response(agent_id: str, active: ActiveRun) -> Any:
+    active.wait()
+    return RunResponseSchema().dump(get_run(g.principal, agent_id, active.job.run_id))
+
+
 @bp.post("/agents/<agent_id>/runs")
 def create_run(agent_id: str) -> Any:
-    """Run the agent and answer when the run has finished."""
-    started = _start(agent_id)
-    started.greenlet.join()
-    run = get_run(g.principal, agent_id, started.run.id)
-    return RunResponseSchema().dump(run)
+    """Run the agent and answer when the run has finished (or paused for approval)."""
+    active, _ = _start(agent_id)
+    return _run_response(agent_id, active)
 
 
 @bp.post("/agents/<agent_id>/runs/stream")
 def stream_run(agent_id: str) -> Response:
     """Run the agent and stream its events as they happen."""
-    started = _start(agent_id)
-    return event_stream(_state().executor.follow(started.channel))
+    active, body = _start(agent_id)
+    executor = _state().executor
+    if (body.get("options") or {}).get("on_disconnect") == "cancel":
+        return event_stream(_follow_or_cancel(executor, active.job.run_id))
+    return event_stream(executor.follow(active.job.run_id))
+
+
+@bp.post("/agents/<agent_id>/runs/background")
+def queue_run(agent_id: str) -> Any:
+    """Queue a run and answer at once; follow it on /events or /status."""
+    active, _ = _start(agent_id, background=True)
+    run = get_run(g.principal, agent_id, active.job.run_id)
+    return QueuedRunSchema().dump(run), 202
+
+
+@bp.get("/agents/<agent_id>/runs/<run_id>/events")
+def run_events(agent_id: str, run_id: str) -> Response:
+    """Stream a run's events: those after Last-Event-ID (or ?after=N), then live ones."""
+    get_agent(_state().registry, agent_id)
+    query = EventsQuerySchema().load(request.args.to_dict())
+    after = query.get("after")
+    if after is None:
+        header = request.headers.get("Last-Event-ID", "").strip()
+        if header and not header.isdigit():
+            raise ApiError(
+                422,
+                "Last-Event-ID must be the id of an event this stream sent (an integer).",
+                errors={"Last-Event-ID": ["Must be a non-negative integer."]},
+            )
+        after = int(header) if header else 0
+    run = get_run(g.principal, agent_id, run_id)
+    return event_stream(_state().executor.follow(run.id, after))
+
+
+@bp.delete("/agents/<agent_id>/runs/<run_id>")
+def cancel(agent_id: str, run_id: str) -> Any:
+    """Cancel a run: 202 while it stops, 204 if it had already finished."""
+    get_agent(_state().registry, agent_id)
+    stopping = cancel_run(_state().executor, g.principal, agent_id, run_id)
+    return ("", 202) if stopping else ("", 204)
+
+
+@bp.post("/agents/<agent_id>/runs/<run_id>/continue")
+def continue_paused(agent_id: str, run_id: str) -> Any:
+    """Approve or reject a PAUSED run's tool call; answer when the run next stops."""
+    state = _state()
+    agent = get_agent(state.registry, agent_id)
+    action = ContinueRequestSchema().load(_json_body())["action"]
+    active = continue_run(
+        state.executor, agent, g.principal, run_id, action, default_model=state.default_model
+    )
+    return _run_response(agent_id, active)
 
 
 @bp.get("/agents/<agent_id>/runs/status")

@@ -15,7 +15,7 @@ Messages are plain dictionaries in one neutral form, whatever the back end:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -84,8 +84,11 @@ class UnknownModel(ValueError):
 
 
 class Provider(Protocol):
-    def stream(self, request: ModelRequest) -> Iterator[Delta]:
-        """Call the model and yield its deltas as they arrive."""
+    def stream(self, request: ModelRequest) -> Generator[Delta, None, None]:
+        """Call the model and yield its deltas as they arrive.
+
+        A generator, so that closing it (a cancelled run does) ends the model call at once.
+        """
         ...
 
 

@@ -17,6 +17,7 @@ none is given.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import json
@@ -59,6 +60,8 @@ class Tool:
     )
     # Seconds the call may take; None uses the server's AGENT_RUNS_TOOL_TIMEOUT.
     timeout: float | None = None
+    # Pause the run before each call until a human approves or rejects it.
+    requires_approval: bool = False
 
     def __post_init__(self) -> None:
         if not TOOL_NAME_PATTERN.match(self.name):
@@ -98,6 +101,7 @@ def tool(
     description: str | None = None,
     parameters: Mapping[str, Any] | None = None,
     timeout: float | None = None,
+    requires_approval: bool = False,
 ) -> Any:
     """Make a :class:`Tool` of a function; usable as ``@tool`` or ``@tool(name=...)``."""
 
@@ -109,6 +113,7 @@ def tool(
             description=description if description is not None else doc.split("\n\n")[0],
             parameters=parameters if parameters is not None else _parameters_from_signature(fn),
             timeout=timeout,
+            requires_approval=requires_approval,
         )
 
     return make(function) if function is not None else make
@@ -201,8 +206,23 @@ def unregister_agent(id: str) -> None:
     _python_agents.pop(id, None)
 
 
-def _resolve_tool(reference: Any, where: str) -> Tool:
-    """Turn a file's tool entry into a Tool: a registered name or a ``module:function`` path."""
+def _resolve_tool(entry: Any, where: str) -> Tool:
+    """Turn a file's tool entry into a Tool.
+
+    An entry is a registered name or a ``module:function`` path, or a mapping of one
+    (``use``) with settings: ``{use: "mod:fn", requires_approval: true, timeout: 5}``.
+    """
+    if isinstance(entry, dict):
+        settings = dict(entry)
+        unknown = set(settings) - {"use", "requires_approval", "timeout"}
+        if "use" not in settings or unknown:
+            raise AgentDefinitionError(
+                f"{where}: a tool mapping has 'use' and optionally 'requires_approval', "
+                f"'timeout' (got {sorted(settings)})"
+            )
+        resolved = _resolve_tool(settings.pop("use"), where)
+        return dataclasses.replace(resolved, **settings)
+    reference = entry
     if not isinstance(reference, str):
         raise AgentDefinitionError(f"{where}: a tool is a name or a 'module:function' path")
     if reference in _python_tools:

@@ -4,26 +4,45 @@ The HTTP response that started a run is only one follower of it: the run goes on
 client leaves, its events land in the log, and its final state is written in the same
 transaction as its last events, so whoever sees STOP or ERROR also finds the run's final
 status in the database.
+
+Each worker's executor also keeps its runs alive in the database: a keeper greenlet renews the
+lease of every run executing here, picks up cancel requests that reached another worker, and
+sweeps runs whose lease expired because their worker died.
 """
 
 from __future__ import annotations
 
+import atexit
+import datetime
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
+import gevent.event
 import gevent.pool
+import gevent.queue
 
 from ..db import database
-from ..models import Message, Run, RunStatus, Session, utcnow
+from ..models import Message, Run, RunEvent, RunStatus, Session, utcnow
 from ..providers.base import Provider, ProviderError
 from .agents import Agent
-from .events import EventLog, EventType, RunChannel, json_data
-from .loop import AgentLoop, RunCancelled
+from .events import PING_FRAME, Event, EventLog, EventType, RunChannel, json_data, now_ms
+from .loop import AgentLoop, RunCancelled, RunPaused, Usage
 
 logger = logging.getLogger(__name__)
+
+
+class WorkerStopping(RunCancelled):
+    """Raised in runs still executing when the worker shuts down past its grace period."""
+
+
+# Seconds between deletions of expired events.
+PRUNE_EVERY = 3600.0
+
+SHUTDOWN_MESSAGE = "The server shut down before the run finished."
+LOST_MESSAGE = "The worker executing this run stopped; the run did not finish."
 
 
 @dataclass
@@ -36,85 +55,212 @@ class RunJob:
     agent: Agent
     provider: Provider
     model: str
-    message: str
     media: list[dict[str, Any]] = field(default_factory=list)
     temperature: float | None = None
     max_tokens: int | None = None
     generate_followups: bool = False
+    # A run resumed after a pause: its next event's seq, the tool calls still to run (the
+    # first approved or rejected by ``decision``), and what the run had produced so far.
+    first_seq: int = 1
+    pending_calls: list[dict[str, Any]] | None = None
+    decision: str | None = None
+    prior: dict[str, Any] | None = None
+
+
+@dataclass
+class ActiveRun:
+    """A run this worker is executing (or has queued) and the state it is in."""
+
+    job: RunJob
+    channel: RunChannel
+    done: gevent.event.Event = field(default_factory=gevent.event.Event)
+    greenlet: gevent.Greenlet | None = None
+    cancelled: bool = False
+    # True while the loop runs: only then may a cancel interrupt the greenlet where it waits.
+    in_loop: bool = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    flush_interval: float = 0.05
+    ping_interval: float = 15.0
+    tool_timeout: float = 30.0
+    # A run's lease lasts this long and is renewed a few times within it.
+    lease_seconds: float = 30.0
+    # How often the keeper looks for cancel requests made on other workers, and how often a
+    # follower of a run executing elsewhere reads its new events.
+    poll_interval: float = 0.25
+    # Background runs executing at once in one worker; more wait their turn, QUEUED.
+    max_background_runs: int = 32
+    # On shutdown, how long runs may go on before they are failed.
+    shutdown_timeout: float = 25.0
+    # Days the events of a finished run are kept.
+    retention_days: float = 7.0
 
 
 class Executor:
     """Runs agent runs in greenlets of this worker and fans their events out."""
 
-    def __init__(self, *, flush_interval: float, ping_interval: float, tool_timeout: float):
-        self.log = EventLog(flush_interval)
-        self.ping_interval = ping_interval
-        self.tool_timeout = tool_timeout
-        self.channels: dict[str, RunChannel] = {}
+    def __init__(self, settings: ExecutorSettings) -> None:
+        self.settings = settings
+        self.log = EventLog(settings.flush_interval)
+        self.active: dict[str, ActiveRun] = {}
         self.greenlets = gevent.pool.Group()
-        self._cancelled: set[str] = set()
+        self._background = gevent.pool.Pool(settings.max_background_runs)
+        self._queue: gevent.queue.Queue[ActiveRun] = gevent.queue.Queue()
+        self._services: list[gevent.Greenlet] = []
+        self._stopping = False
 
-    def start(self, job: RunJob) -> tuple[RunChannel, gevent.Greenlet]:
-        """Emit the run's START event and begin executing it in a new greenlet."""
-        channel = RunChannel(job.run_id)
-        self.channels[job.run_id] = channel
-        self._emit(
-            channel,
-            EventType.START,
-            json_data({"runId": job.run_id, "sessionId": job.session_uid}),
-        )
-        return channel, self.greenlets.spawn(self._execute, job, channel)
+    # Starting runs ----------------------------------------------------------------------
 
-    def follow(self, channel: RunChannel, after: int = 0) -> Iterator[bytes]:
-        """Yield the SSE frames of a run executing here, from seq ``after`` on."""
-        return channel.follow(after, self.ping_interval)
+    def start(self, job: RunJob, *, background: bool = False) -> ActiveRun:
+        """Begin executing a run here; a new run's START event is emitted before this returns.
 
-    def cancel(self, run_id: str) -> bool:
-        """Ask a run executing here to stop at its next chunk or tool boundary."""
-        if run_id not in self.channels:
+        A background run waits in this worker's queue until the pool has room for it.
+        """
+        self._ensure_services()
+        active = ActiveRun(job, RunChannel(job.run_id, job.first_seq))
+        self.active[job.run_id] = active
+        if job.first_seq == 1:
+            self._emit(
+                active.channel,
+                EventType.START,
+                json_data({"runId": job.run_id, "sessionId": job.session_uid}),
+            )
+        if background:
+            self._queue.put(active)
+        else:
+            active.greenlet = self.greenlets.spawn(self._execute, active)
+        return active
+
+    def _dispatch_background(self) -> None:
+        while True:
+            active = self._queue.get()
+            self._background.wait_available()
+            active.greenlet = self._background.spawn(self._execute, active, True)
+            self.greenlets.add(active.greenlet)
+
+    # Following runs ---------------------------------------------------------------------
+
+    def follow(self, run_id: str, after: int = 0) -> Iterator[bytes]:
+        """Yield a run's SSE frames after seq ``after``: replayed from the log, then live.
+
+        A run executing in this worker is tailed from memory; one executing in another worker
+        (or finished) is read from the log, polled while it runs. The stream ends once the run
+        has ended or paused and every event is sent: a run that paused and went on replays
+        through its pause's STOP to its end.
+        """
+        quiet_since = gevent.get_hub().loop.now()
+        while True:
+            active = self.active.get(run_id)
+            if active is not None and after + 1 >= active.channel.first_seq:
+                yield from active.channel.follow(after, self.settings.ping_interval)
+                return
+            with database.connection_context():
+                # Status first: if the run had settled by then, every event it will ever
+                # have is already in the log, and an empty read means the stream is done.
+                settled = _is_settled(run_id)
+                rows = list(
+                    RunEvent.select()
+                    .where((RunEvent.run == run_id) & (RunEvent.seq > after))
+                    .order_by(RunEvent.seq)
+                    .limit(500)
+                )
+            for row in rows:
+                yield Event(run_id, row.seq, row.type, row.data, row.timestamp).frame
+                after = row.seq
+            if settled and not rows:
+                return
+            if rows:
+                quiet_since = gevent.get_hub().loop.now()
+                continue
+            gevent.sleep(self.settings.poll_interval)
+            if gevent.get_hub().loop.now() - quiet_since >= self.settings.ping_interval:
+                yield PING_FRAME
+                quiet_since = gevent.get_hub().loop.now()
+
+    # Cancelling -------------------------------------------------------------------------
+
+    def cancel(self, run_id: str, reason: type[RunCancelled] = RunCancelled) -> bool:
+        """Stop a run executing here at once: where it waits, or at its next boundary."""
+        active = self.active.get(run_id)
+        if active is None:
             return False
-        self._cancelled.add(run_id)
+        active.cancelled = True
+        if active.in_loop and active.greenlet is not None:
+            active.greenlet.kill(reason(), block=False)
         return True
 
-    def join(self, timeout: float | None = None) -> None:
-        """Wait for every run of this executor to finish, then write what is pending."""
-        self.greenlets.join(timeout=timeout)
-        self.log.flush()
+    # Executing --------------------------------------------------------------------------
 
     def _emit(self, channel: RunChannel, type: str, data: str) -> None:
         event = channel.make_event(type, data)
         self.log.append(event)
         channel.publish(event)
 
-    def _execute(self, job: RunJob, channel: RunChannel) -> None:
-        with database.connection_context():
-            loop = AgentLoop(
-                agent=job.agent,
-                provider=job.provider,
-                model=job.model,
-                emit=lambda type, data: self._emit(channel, type, data),
-                is_cancelled=lambda: job.run_id in self._cancelled,
-                temperature=job.temperature,
-                max_tokens=job.max_tokens,
-                tool_timeout=self.tool_timeout,
-                generate_followups=job.generate_followups,
+    def _execute(self, active: ActiveRun, queued: bool = False) -> None:
+        # The run holds a database connection only while it reads or writes: thousands of
+        # runs may be streaming at once, each mostly waiting on its model.
+        job = active.job
+        if queued and not active.cancelled:
+            with database.connection_context():
+                (
+                    Run.update(status=RunStatus.RUNNING, started_at=utcnow())
+                    .where((Run.id == job.run_id) & (Run.status == RunStatus.QUEUED))
+                    .execute()
+                )
+        loop = AgentLoop(
+            agent=job.agent,
+            provider=job.provider,
+            model=job.model,
+            emit=lambda type, data: self._emit(active.channel, type, data),
+            is_cancelled=lambda: active.cancelled,
+            temperature=job.temperature,
+            max_tokens=job.max_tokens,
+            tool_timeout=self.settings.tool_timeout,
+            generate_followups=job.generate_followups,
+        )
+        _restore(loop, job.prior)
+        try:
+            outcome = self._run_loop(active, loop)
+        finally:
+            active.in_loop = False
+        self._finish(active, loop, outcome)
+
+    def _run_loop(self, active: ActiveRun, loop: AgentLoop) -> Outcome:
+        """Run the agent loop; return how the run ended, whatever way it ended."""
+        job = active.job
+        try:
+            if active.cancelled:
+                raise RunCancelled()
+            with database.connection_context():
+                history = self._history(job)
+            active.in_loop = True
+            loop.run(history, job.pending_calls, job.decision)
+            active.in_loop = False
+        except RunPaused as paused:
+            return Outcome(
+                RunStatus.PAUSED,
+                EventType.STOP,
+                json_data({"reason": "paused", "requiredAction": paused.required_action}),
+                required_action=paused.required_action,
+                pending_calls=paused.calls,
             )
-            status, final_type, final_data = RunStatus.COMPLETED, EventType.STOP, ""
-            error_type = error = None
-            try:
-                loop.run(self._history(job))
-                if loop.followups:
-                    final_data = json_data({"followups": loop.followups})
-            except RunCancelled:
-                status, final_data = RunStatus.CANCELLED, json_data({"reason": "cancelled"})
-            except ProviderError as exc:
-                status, final_type = RunStatus.FAILED, EventType.ERROR
-                error_type, error = "model_error", str(exc)
-            except Exception as exc:
-                logger.exception("run %s failed", job.run_id)
-                status, final_type = RunStatus.FAILED, EventType.ERROR
-                error_type, error = "internal_error", f"The run failed: {type(exc).__name__}."
-            self._finish(job, channel, loop, status, final_type, error or final_data, error_type)
+        except WorkerStopping:
+            return Outcome(RunStatus.FAILED, EventType.ERROR, SHUTDOWN_MESSAGE, "worker_lost")
+        except RunCancelled:
+            return Outcome(RunStatus.CANCELLED, EventType.STOP, json_data({"reason": "cancelled"}))
+        except ProviderError as exc:
+            return Outcome(RunStatus.FAILED, EventType.ERROR, str(exc), "model_error")
+        except Exception as exc:
+            logger.exception("run %s failed", job.run_id)
+            message = f"The run failed: {type(exc).__name__}."
+            return Outcome(RunStatus.FAILED, EventType.ERROR, message, "internal_error")
+        data = json_data({"followups": loop.followups}) if loop.followups else ""
+        return Outcome(RunStatus.COMPLETED, EventType.STOP, data)
 
     def _history(self, job: RunJob) -> list[dict[str, Any]]:
         """Return the session's conversation in the providers' neutral message form."""
@@ -128,73 +274,293 @@ class Executor:
                 message["tool_call_id"] = row.tool_call_id
                 message["name"] = row.name
             history.append(message)
-        if job.media and history and history[-1]["role"] == "user":
+        if job.media and job.first_seq == 1 and history and history[-1]["role"] == "user":
             history[-1]["media"] = job.media
         return history
 
-    def _finish(
-        self,
-        job: RunJob,
-        channel: RunChannel,
-        loop: AgentLoop,
-        status: str,
-        final_type: str,
-        final_data: str,
-        error_type: str | None,
-    ) -> None:
+    def _finish(self, active: ActiveRun, loop: AgentLoop, outcome: Outcome) -> None:
         """Record the run's outcome and its last event together, then end its stream."""
-        event = channel.make_event(final_type, final_data)
+        job = active.job
+        event = active.channel.make_event(outcome.type, outcome.data)
         self.log.append(event)
-        now = utcnow()
-        if status == RunStatus.COMPLETED:
+        if outcome.status in (RunStatus.COMPLETED, RunStatus.PAUSED):
             messages = loop.new_messages
-        elif status == RunStatus.CANCELLED and loop.answer:
-            messages = [{"role": "assistant", "content": loop.answer}]
+        elif outcome.status == RunStatus.CANCELLED:
+            messages = _closing_messages(loop.new_messages, loop.answer)
         else:
             messages = []
         try:
-            with database.atomic():
-                self.log.flush()
-                (
-                    Run.update(
-                        status=status,
-                        content=loop.answer,
-                        reasoning_steps=loop.reasoning_steps,
-                        tool_calls=loop.tool_calls,
-                        followups=loop.followups,
-                        usage=loop.usage.as_dict(),
-                        error_type=error_type,
-                        error=final_data if final_type == EventType.ERROR else None,
-                        completed_at=now,
-                        lease_expires_at=None,
-                    )
-                    .where(Run.id == job.run_id)
-                    .execute()
-                )
-                if messages:
-                    Message.insert_many(
-                        [
-                            {
-                                "session": job.session_pk,
-                                "run": job.run_id,
-                                "role": message["role"],
-                                "content": message.get("content") or "",
-                                "tool_calls": message.get("tool_calls"),
-                                "tool_call_id": message.get("tool_call_id"),
-                                "name": message.get("name"),
-                                "created_at": now,
-                            }
-                            for message in messages
-                        ]
-                    ).execute()
-                (
-                    Session.update(active_run_id=None, updated_at=now)
-                    .where(Session.id == job.session_pk, Session.active_run_id == job.run_id)
-                    .execute()
-                )
+            # A cancel that raced the end of the loop may land here; recording wins.
+            for _attempt in range(3):
+                try:
+                    self._record(job, loop, outcome, messages)
+                    break
+                except RunCancelled:
+                    continue
         except Exception:
             logger.exception("recording the end of run %s failed", job.run_id)
         finally:
-            channel.publish(event)
-            self.channels.pop(job.run_id, None)
-            self._cancelled.discard(job.run_id)
+            active.channel.publish(event)
+            self.active.pop(job.run_id, None)
+            active.done.set()
+
+    def _record(
+        self, job: RunJob, loop: AgentLoop, outcome: Outcome, messages: list[dict[str, Any]]
+    ) -> None:
+        now = utcnow()
+        paused = outcome.status == RunStatus.PAUSED
+        with database.connection_context(), database.atomic():
+            self.log.flush()
+            changes: dict[str, Any] = dict(
+                status=outcome.status,
+                content=loop.answer,
+                reasoning_steps=loop.reasoning_steps,
+                tool_calls=loop.tool_calls,
+                followups=loop.followups,
+                usage=loop.usage.as_dict(),
+                error_type=outcome.error_type,
+                error=outcome.data if outcome.type == EventType.ERROR else None,
+                required_action=outcome.required_action,
+                pending_calls=outcome.pending_calls,
+                lease_expires_at=None,
+            )
+            if not paused:
+                changes["completed_at"] = now
+            Run.update(**changes).where(Run.id == job.run_id).execute()
+            save_messages(job.session_pk, job.run_id, messages, now)
+            if not paused:
+                release_session(job.session_pk, job.run_id, now)
+
+    # Leases, remote cancels, the sweep --------------------------------------------------
+
+    def ensure_started(self) -> None:
+        """Start this worker's keeper and background dispatcher, once.
+
+        Called on the worker's first request (and first run), so they live in the serving
+        process, never in a parent that forked it or in a CLI command.
+        """
+        self._ensure_services()
+
+    def _ensure_services(self) -> None:
+        if self._services:
+            return
+        self._services = [
+            gevent.spawn(self._keep),
+            gevent.spawn(self._dispatch_background),
+        ]
+        atexit.register(self.shutdown)
+
+    def _keep(self) -> None:
+        renew_every = self.settings.lease_seconds / 3
+        last_renewal = last_prune = 0.0
+        while True:
+            gevent.sleep(self.settings.poll_interval)
+            try:
+                with database.connection_context():
+                    self._pick_up_cancels()
+                    now = gevent.get_hub().loop.now()
+                    if now - last_renewal >= renew_every:
+                        self._renew_leases()
+                        sweep_expired_runs(self.log)
+                        last_renewal = now
+                    if now - last_prune >= PRUNE_EVERY:
+                        prune_events(self.settings.retention_days)
+                        last_prune = now
+            except Exception:
+                logger.exception("keeping runs alive failed; retrying")
+
+    def _pick_up_cancels(self) -> None:
+        ids = [run_id for run_id, active in self.active.items() if not active.cancelled]
+        if not ids:
+            return
+        for chunk in _chunks(ids):
+            for run in Run.select(Run.id).where(Run.id.in_(chunk) & Run.cancel_requested):
+                self.cancel(run.id)
+
+    def _renew_leases(self) -> None:
+        ids = list(self.active)
+        until = lease_deadline(self.settings.lease_seconds)
+        for chunk in _chunks(ids):
+            Run.update(lease_expires_at=until).where(Run.id.in_(chunk)).execute()
+
+    # Shutting down ----------------------------------------------------------------------
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Let runs finish within ``timeout``; fail the rest; stop the keeper."""
+        if self._stopping:
+            return
+        self._stopping = True
+        timeout = self.settings.shutdown_timeout if timeout is None else timeout
+        try:
+            self.greenlets.join(timeout=timeout)
+            for run_id in list(self.active):
+                self.cancel(run_id, WorkerStopping)
+            self.greenlets.join(timeout=5)
+            for active in list(self.active.values()):
+                if active.greenlet is None:  # still queued: it never started
+                    self._finish(
+                        active,
+                        AgentLoop(active.job.agent, active.job.provider, "", lambda t, d: None),
+                        Outcome(RunStatus.FAILED, EventType.ERROR, SHUTDOWN_MESSAGE, "worker_lost"),
+                    )
+            self.log.flush()
+        finally:
+            for greenlet in self._services:
+                greenlet.kill(block=False)
+            self._services = []
+            self._stopping = False
+
+
+@dataclass
+class Outcome:
+    """How a run ended (or paused): its status and its last event."""
+
+    status: str
+    type: str
+    data: str
+    error_type: str | None = None
+    required_action: dict[str, Any] | None = None
+    pending_calls: list[dict[str, Any]] | None = None
+
+
+def _restore(loop: AgentLoop, prior: dict[str, Any] | None) -> None:
+    """Give a resumed run's loop what the run had produced before its pause."""
+    if not prior:
+        return
+    loop.content = [prior["content"]] if prior.get("content") else []
+    loop.reasoning_steps = list(prior.get("reasoning_steps") or [])
+    loop.tool_calls = list(prior.get("tool_calls") or [])
+    usage = prior.get("usage") or {}
+    loop.usage = Usage(**{k: usage.get(k, 0) for k in Usage().as_dict()})
+
+
+def _closing_messages(messages: list[dict[str, Any]], answer: str) -> list[dict[str, Any]]:
+    """Keep a cancelled run's history valid: every tool call answered, the partial answer kept."""
+    kept = list(messages)
+    answered = {m.get("tool_call_id") for m in kept if m["role"] == "tool"}
+    for message in messages:
+        for call in message.get("tool_calls") or ():
+            if call["id"] not in answered:
+                kept.append(cancelled_tool_message(call))
+    if answer and not (kept and kept[-1]["role"] == "assistant" and "tool_calls" not in kept[-1]):
+        kept.append({"role": "assistant", "content": answer})
+    return kept
+
+
+def cancelled_tool_message(call: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "role": "tool",
+        "tool_call_id": call["id"],
+        "name": call["name"],
+        "content": "Error: the run was cancelled before this tool call ran.",
+    }
+
+
+def _chunks(ids: list[str], size: int = 500) -> Iterator[list[str]]:
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
+
+
+def _is_settled(run_id: str) -> bool:
+    """Whether a run will emit nothing more now: ended, paused, or unknown."""
+    run = Run.select(Run.status).where(Run.id == run_id).first()
+    return run is None or run.status in (*RunStatus.FINAL, RunStatus.PAUSED)
+
+
+def lease_deadline(seconds: float) -> datetime.datetime:
+    return utcnow() + datetime.timedelta(seconds=seconds)
+
+
+def save_messages(
+    session_pk: int, run_id: str, messages: list[dict[str, Any]], now: datetime.datetime
+) -> None:
+    if messages:
+        Message.insert_many(
+            [
+                {
+                    "session": session_pk,
+                    "run": run_id,
+                    "role": message["role"],
+                    "content": message.get("content") or "",
+                    "tool_calls": message.get("tool_calls"),
+                    "tool_call_id": message.get("tool_call_id"),
+                    "name": message.get("name"),
+                    "created_at": now,
+                }
+                for message in messages
+            ]
+        ).execute()
+
+
+def release_session(session_pk: int, run_id: str, now: datetime.datetime) -> None:
+    """Let the session take its next run, if this run still holds it."""
+    (
+        Session.update(active_run_id=None, updated_at=now)
+        .where((Session.id == session_pk) & (Session.active_run_id == run_id))
+        .execute()
+    )
+
+
+def close_run_log(log: EventLog, run_id: str, type: str, data: str) -> None:
+    """Append a final event to the log of a run no executor holds (inside a transaction)."""
+    log.flush()
+    last = (
+        RunEvent.select(RunEvent.seq)
+        .where(RunEvent.run == run_id)
+        .order_by(RunEvent.seq.desc())
+        .first()
+    )
+    RunEvent.insert(
+        run=run_id, seq=(last.seq if last else 0) + 1, type=type, data=data, timestamp=now_ms()
+    ).execute()
+
+
+def sweep_expired_runs(log: EventLog) -> list[str]:
+    """Fail every run whose lease expired: its worker died. Returns their ids.
+
+    Each is marked FAILED with errorType worker_lost, its log closed with an ERROR event and
+    its session released, in one transaction per run; the status guard in the UPDATE makes a
+    sweep that races another (or the run's own end) a no-op.
+    """
+    now = utcnow()
+    expired = [
+        run.id
+        for run in Run.select(Run.id).where(
+            Run.status.in_([RunStatus.RUNNING, RunStatus.QUEUED]) & (Run.lease_expires_at < now)
+        )
+    ]
+    swept = []
+    for run_id in expired:
+        with database.atomic():
+            updated = (
+                Run.update(
+                    status=RunStatus.FAILED,
+                    error_type="worker_lost",
+                    error=LOST_MESSAGE,
+                    completed_at=now,
+                    lease_expires_at=None,
+                )
+                .where(
+                    (Run.id == run_id)
+                    & Run.status.in_([RunStatus.RUNNING, RunStatus.QUEUED])
+                    & (Run.lease_expires_at < now)
+                )
+                .execute()
+            )
+            if not updated:
+                continue
+            close_run_log(log, run_id, EventType.ERROR, LOST_MESSAGE)
+            session_pk = Run.select(Run.session).where(Run.id == run_id).scalar()
+            release_session(session_pk, run_id, now)
+        swept.append(run_id)
+        logger.warning("run %s failed: its worker stopped (lease expired)", run_id)
+    return swept
+
+
+def prune_events(retention_days: float) -> int:
+    """Delete the events of runs that finished more than ``retention_days`` ago."""
+    cutoff = utcnow() - datetime.timedelta(days=retention_days)
+    finished = Run.select(Run.id).where(
+        Run.status.in_(RunStatus.FINAL) & (Run.completed_at < cutoff)
+    )
+    return RunEvent.delete().where(RunEvent.run.in_(finished)).execute()

@@ -12,6 +12,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +40,35 @@ FOLLOWUPS_INSTRUCTIONS = (
 Emit = Callable[[str, str], None]
 
 
-class RunCancelled(Exception):
-    """Raised inside the loop when the run was asked to stop."""
+class RunCancelled(BaseException):
+    """Raised inside the loop when the run was asked to stop.
+
+    A BaseException, like gevent's Timeout and GreenletExit: the executor may raise it at any
+    point where the run waits (a model's socket, a tool's sleep), and a tool's or a back end's
+    ``except Exception`` must not swallow it.
+    """
+
+
+class RunPaused(Exception):
+    """Raised when the next tool call needs a human's approval; ``calls`` are still to run."""
+
+    def __init__(self, calls: list[dict[str, Any]]) -> None:
+        super().__init__(calls[0]["name"])
+        self.calls = calls
+
+    @property
+    def required_action(self) -> dict[str, Any]:
+        call = self.calls[0]
+        return {
+            "type": "TOOL_APPROVAL",
+            "toolCallId": call["id"],
+            "tool": call["name"],
+            "arguments": call["arguments"],
+        }
+
+
+APPROVE, REJECT = "APPROVE", "REJECT"
+REJECTED_RESULT = "A human reviewer rejected this tool call; it was not run."
 
 
 @dataclass
@@ -97,11 +125,22 @@ class AgentLoop:
     def answer(self) -> str:
         return "".join(self.content)
 
-    def run(self, history: list[dict[str, Any]]) -> None:
-        """Run the agent on a conversation ending with the user's message."""
+    def run(
+        self,
+        history: list[dict[str, Any]],
+        pending_calls: list[dict[str, Any]] | None = None,
+        decision: str | None = None,
+    ) -> None:
+        """Run the agent on a conversation ending with the user's message.
+
+        A run resumed after a pause passes the tool calls still to run, the first of them
+        approved or rejected by ``decision``.
+        """
         system = [{"role": "system", "content": self.agent.instructions}]
         conversation = (system if self.agent.instructions else []) + history
         tools = [t.spec for t in self.agent.tools]
+        if pending_calls:
+            self._call_tools(pending_calls, decision)
         for step in range(self.agent.max_steps):
             # On the last step the model gets no tools, so it has to answer.
             last_step = step == self.agent.max_steps - 1
@@ -116,10 +155,10 @@ class AgentLoop:
             if not calls:
                 self.new_messages.append({"role": "assistant", "content": text})
                 break
-            self.new_messages.append({"role": "assistant", "content": text, "tool_calls": calls})
             for call in calls:
-                self._check_cancelled()
-                self._call_tool(call)
+                call["arguments"] = _parse_arguments(call["arguments"])
+            self.new_messages.append({"role": "assistant", "content": text, "tool_calls": calls})
+            self._call_tools(calls)
         if self.generate_followups:
             self._suggest_followups(conversation)
 
@@ -127,32 +166,29 @@ class AgentLoop:
         if self.is_cancelled():
             raise RunCancelled()
 
+    def _call_tools(self, calls: list[dict[str, Any]], decision: str | None = None) -> None:
+        """Run the calls of one model step in order; pause before one that needs approval.
+
+        ``decision`` is a human's answer about the first call, given when a paused run resumes.
+        """
+        for index, call in enumerate(calls):
+            self._check_cancelled()
+            tool = self.agent.tool(call["name"])
+            decided = index == 0 and decision is not None
+            if tool is not None and tool.requires_approval and not decided:
+                raise RunPaused(calls[index:])
+            self._call_tool(call, rejected=decided and decision == REJECT)
+
     def _call_model(self, request: ModelRequest) -> tuple[str, list[dict[str, Any]]]:
         """Stream one model call into events; return its text and the tool calls it made."""
         self.usage.model_calls += 1
         text: list[str] = []
         reasoning: list[str] = []
         pending: dict[int, _PendingCall] = {}
-        for delta in self.provider.stream(request):
-            self._check_cancelled()
-            if isinstance(delta, ContentDelta):
-                if delta.text:
-                    text.append(delta.text)
-                    self.content.append(delta.text)
-                    self.emit(EventType.CONTENT_DELTA, delta.text)
-            elif isinstance(delta, ReasoningDelta):
-                if delta.text:
-                    reasoning.append(delta.text)
-                    self.emit(EventType.REASONING_DELTA, delta.text)
-            elif isinstance(delta, ToolCallDelta):
-                call = pending.setdefault(delta.index, _PendingCall())
-                call.id = delta.id or call.id
-                call.name = delta.name or call.name
-                call.arguments += delta.arguments
-            elif isinstance(delta, UsageDelta):
-                self.usage.add(delta)
-            elif isinstance(delta, FinishDelta):
-                pass
+        # closing(): a cancelled run closes the back end's stream (and its HTTP response) now.
+        with closing(self.provider.stream(request)) as deltas:
+            for delta in deltas:
+                self._consume(delta, text, reasoning, pending)
         if reasoning:
             self.reasoning_steps.append("".join(reasoning))
         calls = [
@@ -165,17 +201,38 @@ class AgentLoop:
         ]
         return "".join(text), calls
 
-    def _call_tool(self, call: dict[str, Any]) -> None:
+    def _consume(
+        self,
+        delta: Any,
+        text: list[str],
+        reasoning: list[str],
+        pending: dict[int, _PendingCall],
+    ) -> None:
+        """Turn one delta into events and into the step's text, reasoning and tool calls."""
+        self._check_cancelled()
+        if isinstance(delta, ContentDelta):
+            if delta.text:
+                text.append(delta.text)
+                self.content.append(delta.text)
+                self.emit(EventType.CONTENT_DELTA, delta.text)
+        elif isinstance(delta, ReasoningDelta):
+            if delta.text:
+                reasoning.append(delta.text)
+                self.emit(EventType.REASONING_DELTA, delta.text)
+        elif isinstance(delta, ToolCallDelta):
+            call = pending.setdefault(delta.index, _PendingCall())
+            call.id = delta.id or call.id
+            call.name = delta.name or call.name
+            call.arguments += delta.arguments
+        elif isinstance(delta, UsageDelta):
+            self.usage.add(delta)
+        elif isinstance(delta, FinishDelta):
+            pass
+
+    def _call_tool(self, call: dict[str, Any], *, rejected: bool = False) -> None:
         """Run one tool call between TOOL_START and TOOL_END; a failure becomes its result."""
         name = call["name"]
-        raw = call["arguments"] or "{}"
-        try:
-            arguments = json.loads(raw)
-            if not isinstance(arguments, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            arguments = None
-        call["arguments"] = arguments if arguments is not None else raw
+        arguments = call["arguments"]
         self.emit(
             EventType.TOOL_START,
             json_data({"id": call["id"], "name": name, "arguments": call["arguments"]}),
@@ -184,10 +241,12 @@ class AgentLoop:
         result: Any = None
         error: str | None = None
         tool = self.agent.tool(name)
-        if tool is None:
+        if rejected:
+            error = REJECTED_RESULT
+        elif tool is None:
             error = f"Unknown tool {name!r}."
-        elif arguments is None:
-            error = f"The arguments are not a JSON object: {raw[:200]}"
+        elif not isinstance(arguments, dict):
+            error = f"The arguments are not a JSON object: {str(arguments)[:200]}"
         else:
             timeout = tool.timeout or self.tool_timeout
             try:
@@ -246,8 +305,6 @@ class AgentLoop:
                     text.append(delta.text)
                 elif isinstance(delta, UsageDelta):
                     self.usage.add(delta)
-        except RunCancelled:
-            raise
         except Exception:
             logger.exception("suggesting followups failed")
             return
@@ -256,3 +313,12 @@ class AgentLoop:
             for line in "".join(text).splitlines()
         )
         self.followups = [line for line in lines if line][:3]
+
+
+def _parse_arguments(raw: str) -> Any:
+    """Return a tool call's arguments as a dict, or the raw text if they are not a JSON object."""
+    try:
+        arguments = json.loads(raw or "{}")
+    except ValueError:
+        return raw
+    return arguments if isinstance(arguments, dict) else raw

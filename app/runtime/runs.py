@@ -10,15 +10,24 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import gevent
 import peewee
+from peewee import fn
 
 from ..db import database
-from ..models import Message, Run, RunStatus, Session, utcnow
-from ..providers.base import UnknownModel, resolve_model
+from ..models import Message, Run, RunEvent, RunStatus, Session, utcnow
+from ..providers.base import resolve_model
 from .agents import Agent, AgentRegistry
-from .events import RunChannel
-from .executor import Executor, RunJob
+from .events import EventType, json_data
+from .executor import (
+    ActiveRun,
+    Executor,
+    RunJob,
+    cancelled_tool_message,
+    close_run_log,
+    lease_deadline,
+    release_session,
+    save_messages,
+)
 
 
 @dataclass(frozen=True)
@@ -54,20 +63,20 @@ class SessionBusy(RunRequestRejected):
     status = 409
 
 
-class NotFound(Exception):
-    """An agent, run or session that does not exist for this caller."""
+class RunStateConflict(Exception):
+    """An action the run's current status does not allow (e.g. continuing a finished run)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
 
-@dataclass
-class StartedRun:
-    run: Run
-    session_uid: str
-    channel: RunChannel
-    greenlet: gevent.Greenlet
+class NotFound(Exception):
+    """An agent, run or session that does not exist for this caller."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 def get_agent(registry: AgentRegistry, agent_id: str) -> Agent:
@@ -122,6 +131,20 @@ def _claim_session(principal: Principal, user_id: str, agent: Agent, uid: str, r
     return session
 
 
+def _provider_for(agent: Agent, requested: str | None, default_model: str):
+    """Return (model string, provider, provider's model name) for a run of ``agent``."""
+    model = agent.model_for(requested, default_model)
+    if model is None:
+        raise RunRequestRejected(
+            "options.model", f"Agent {agent.id!r} does not allow model {requested!r}."
+        )
+    try:
+        provider, model_name = resolve_model(model, agent.model_options)
+    except ValueError as error:  # UnknownModel, or options the back end refuses
+        raise RunRequestRejected("options.model", f"Model {model!r}: {error}") from None
+    return model, provider, model_name
+
+
 def start_run(
     executor: Executor,
     agent: Agent,
@@ -129,32 +152,25 @@ def start_run(
     body: dict[str, Any],
     *,
     default_model: str,
-) -> StartedRun:
-    """Record a new run of ``agent`` for the caller and start executing it."""
+    background: bool = False,
+) -> ActiveRun:
+    """Record a new run of ``agent`` for the caller and start executing (or queue) it."""
     user_id = _acting_user(principal, body)
     options = body.get("options") or {}
-    model = agent.model_for(options.get("model"), default_model)
-    if model is None:
-        raise RunRequestRejected(
-            "options.model", f"Agent {agent.id!r} does not allow model {options['model']!r}."
-        )
-    try:
-        provider, model_name = resolve_model(model, agent.model_options)
-    except UnknownModel as error:
-        raise RunRequestRejected("options.model", str(error)) from None
+    model, provider, model_name = _provider_for(agent, options.get("model"), default_model)
 
     run_id = "run_" + uuid.uuid4().hex
     uid = body.get("session_id") or str(uuid.uuid4())
     now = utcnow()
     with database.atomic():
         session = _claim_session(principal, user_id, agent, uid, run_id)
-        run = Run.create(
+        Run.create(
             id=run_id,
             org_id=principal.org_id,
             user_id=user_id,
             agent_id=agent.id,
             session=session,
-            status=RunStatus.RUNNING,
+            status=RunStatus.QUEUED if background else RunStatus.RUNNING,
             model=model,
             input=body["message"],
             request={
@@ -163,30 +179,120 @@ def start_run(
                 "options": {k: v for k, v in options.items() if v is not None},
             },
             created_at=now,
-            started_at=now,
+            started_at=None if background else now,
+            lease_expires_at=lease_deadline(executor.settings.lease_seconds),
         )
-        Message.create(session=session, run=run, role="user", content=body["message"])
-    channel, greenlet = executor.start(
-        RunJob(
-            run_id=run_id,
-            session_pk=session.id,
-            session_uid=uid,
-            agent=agent,
-            provider=provider,
-            model=model_name,
-            message=body["message"],
-            media=body.get("media") or [],
-            temperature=options.get("temperature"),
-            max_tokens=options.get("max_tokens"),
-            generate_followups=body.get("generate_followups", False),
-        )
+        Message.create(session=session, run=run_id, role="user", content=body["message"])
+    job = RunJob(
+        run_id=run_id,
+        session_pk=session.id,
+        session_uid=uid,
+        agent=agent,
+        provider=provider,
+        model=model_name,
+        media=body.get("media") or [],
+        temperature=options.get("temperature"),
+        max_tokens=options.get("max_tokens"),
+        generate_followups=body.get("generate_followups", False),
     )
-    return StartedRun(run=run, session_uid=uid, channel=channel, greenlet=greenlet)
+    return executor.start(job, background=background)
+
+
+def continue_run(
+    executor: Executor,
+    agent: Agent,
+    principal: Principal,
+    run_id: str,
+    action: str,
+    *,
+    default_model: str,
+) -> ActiveRun:
+    """Resume a PAUSED run with a human's APPROVE or REJECT of its pending tool call."""
+    run = get_run(principal, agent.id, run_id)
+    options = (run.request or {}).get("options") or {}
+    model, provider, model_name = _provider_for(agent, options.get("model"), default_model)
+    with database.atomic():
+        resumed = (
+            Run.update(
+                status=RunStatus.RUNNING,
+                required_action=None,
+                pending_calls=None,
+                lease_expires_at=lease_deadline(executor.settings.lease_seconds),
+            )
+            .where((Run.id == run.id) & (Run.status == RunStatus.PAUSED))
+            .execute()
+        )
+        if not resumed:
+            current = Run.select(Run.status).where(Run.id == run.id).scalar()
+            raise RunStateConflict(f"Run {run.id} is {current}, not PAUSED: nothing to continue.")
+        last_seq = RunEvent.select(fn.MAX(RunEvent.seq)).where(RunEvent.run == run.id).scalar() or 0
+    job = RunJob(
+        run_id=run.id,
+        session_pk=run.session.id,
+        session_uid=run.session.uid,
+        agent=agent,
+        provider=provider,
+        model=model_name,
+        temperature=options.get("temperature"),
+        max_tokens=options.get("max_tokens"),
+        generate_followups=(run.request or {}).get("generateFollowups", False),
+        first_seq=last_seq + 1,
+        pending_calls=run.pending_calls,
+        decision=action,
+        prior={
+            "content": run.content,
+            "reasoning_steps": run.reasoning_steps,
+            "tool_calls": run.tool_calls,
+            "usage": run.usage,
+        },
+    )
+    return executor.start(job)
+
+
+def cancel_run(executor: Executor, principal: Principal, agent_id: str, run_id: str) -> bool:
+    """Ask a run to stop; False if it had already finished.
+
+    A run executing anywhere gets a cancel flag in the database, which its worker picks up
+    within a poll interval (at once if it executes here). A PAUSED run has no executor: it is
+    cancelled on the spot.
+    """
+    run = get_run(principal, agent_id, run_id)
+    if run.status in RunStatus.FINAL:
+        return False
+    if run.status == RunStatus.PAUSED:
+        _cancel_paused(executor, run)
+        return True
+    Run.update(cancel_requested=True).where(Run.id == run.id).execute()
+    executor.cancel(run.id)
+    return True
+
+
+def _cancel_paused(executor: Executor, run: Run) -> None:
+    now = utcnow()
+    with database.atomic():
+        cancelled = (
+            Run.update(
+                status=RunStatus.CANCELLED,
+                required_action=None,
+                pending_calls=None,
+                completed_at=now,
+            )
+            .where((Run.id == run.id) & (Run.status == RunStatus.PAUSED))
+            .execute()
+        )
+        if not cancelled:
+            return  # continued or cancelled meanwhile
+        unanswered = [cancelled_tool_message(call) for call in run.pending_calls or ()]
+        save_messages(run.session.id, run.id, unanswered, now)
+        close_run_log(executor.log, run.id, EventType.STOP, json_data({"reason": "cancelled"}))
+        release_session(run.session.id, run.id, now)
 
 
 def runs_of(principal: Principal) -> peewee.ModelSelect[Run]:
     """Select the runs the caller may see, each with its session's public id."""
-    query = Run.select(Run, Session.uid).join(Session).where(Run.org_id == principal.org_id)
+    query = (
+        Run.select(Run, Session.id, Session.uid).join(Session).where(Run.org_id == principal.org_id)
+    )
     if principal.user_id is not None:
         query = query.where(Run.user_id == principal.user_id)
     return query
