@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     # Input bounds for a RunRequest.
     "AGENT_RUNS_MAX_MESSAGE_LENGTH": 32_000,
     "AGENT_RUNS_MAX_MEDIA": 8,
+    "AGENT_RUNS_MAX_MEDIA_BYTES": 10 * 1024 * 1024,
     "AGENT_RUNS_MAX_BATCH_IDS": 100,
     # Largest request body accepted, in bytes (media travel inline as base64).
     "AGENT_RUNS_MAX_CONTENT_LENGTH": 25 * 1024 * 1024,

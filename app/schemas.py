@@ -7,9 +7,11 @@ attributes are snake_case. Unknown fields are rejected, so a typo is a 422 that 
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 from marshmallow import (
     RAISE,
@@ -28,6 +30,7 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
 ID_MESSAGE = (
     "Must be 1 to 128 characters: letters, digits and _ . : @ -, starting with a letter or digit."
 )
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
 MIME_PATTERN = r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}$"
 
 
@@ -50,11 +53,29 @@ class StrictSchema(Schema):
 
 
 class MediaSchema(StrictSchema):
+    """An image for the model: base64 data, or an http(s) URL handed to the model as is."""
+
     type = fields.String(
         required=True,
-        validate=validate.Regexp(MIME_PATTERN, error="Must be a MIME type such as image/png."),
+        validate=[
+            validate.Regexp(MIME_PATTERN, error="Must be a MIME type such as image/png."),
+            validate.OneOf(
+                IMAGE_TYPES, error="Only images can be sent: " + ", ".join(IMAGE_TYPES) + "."
+            ),
+        ],
     )
     data = fields.String(required=True, validate=validate.Length(min=1))
+
+    @validates("data")
+    def _base64_or_url(self, value: str, **kwargs: Any) -> None:
+        if value.startswith(("http://", "https://")):
+            if len(value) > 4096 or not urlsplit(value).netloc:
+                raise ValidationError("Must be base64 data or an http(s) URL.")
+            return
+        try:
+            base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValidationError("Must be base64 data or an http(s) URL.") from None
 
 
 class RunOptionsSchema(StrictSchema):
@@ -80,10 +101,18 @@ class RunRequestSchema(StrictSchema):
     media = fields.List(fields.Nested(MediaSchema), load_default=list)
     options = fields.Nested(RunOptionsSchema, load_default=dict)
 
-    def __init__(self, *, max_message_length: int = 32_000, max_media: int = 8, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        max_message_length: int = 32_000,
+        max_media: int = 8,
+        max_media_bytes: int = 10 * 1024 * 1024,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.max_message_length = max_message_length
         self.max_media = max_media
+        self.max_media_bytes = max_media_bytes
 
     @validates("message")
     def _message_length(self, value: str, **kwargs: Any) -> None:
@@ -96,6 +125,13 @@ class RunRequestSchema(StrictSchema):
     def _media_count(self, value: list, **kwargs: Any) -> None:
         if len(value) > self.max_media:
             raise ValidationError(f"At most {self.max_media} items (got {len(value)}).")
+        for item in value:
+            data = item.get("data") or ""
+            # Base64 carries three bytes in four characters.
+            if not data.startswith(("http://", "https://")) and len(data) * 3 // 4 > (
+                self.max_media_bytes
+            ):
+                raise ValidationError(f"Each image may be at most {self.max_media_bytes} bytes.")
 
 
 class ContinueRequestSchema(StrictSchema):

@@ -146,3 +146,103 @@ def test_any_text_survives_the_sse_encoding(data):
         "data": data,
         "timestamp": 1746518400000,
     }
+
+
+PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJ"
+    "RU5ErkJggg=="
+)
+
+
+def test_images_reach_a_model_that_takes_them(client, auth):
+    body = {
+        "message": "what is this?",
+        "media": [
+            {"type": "image/png", "data": PNG},
+            {"type": "image/jpeg", "data": "https://example.com/cat.jpg"},
+        ],
+    }
+    response = client.post("/api/agents/assistant/runs", headers=auth, json=body)
+    assert response.status_code == 200
+    assert response.json["content"] == "You said: what is this? (with 2 images)"
+
+
+@pytest.mark.parametrize(
+    "media, says",
+    [
+        ({"type": "application/pdf", "data": PNG}, "Only images"),
+        ({"type": "image/png", "data": "not base64!"}, "base64"),
+        ({"type": "image/png", "data": "ftp://example.com/x.png"}, "base64"),
+        ({"type": "image/png", "data": "https://"}, "URL"),
+    ],
+)
+def test_media_that_is_not_an_image_is_422_saying_why(client, auth, media, says):
+    body = {"message": "hi", "media": [media]}
+    response = client.post("/api/agents/assistant/runs", headers=auth, json=body)
+    assert response.status_code == 422
+    assert says in json.dumps(response.json) and "media" in response.json["errors"]
+
+
+def test_media_for_a_text_only_model_is_422(client, auth, agents):
+    agent = agents(
+        "texty",
+        model="openai:text-model",
+        model_options={"vision": False, "base_url": "http://127.0.0.1:9/v1"},
+    )
+    body = {"message": "hi", "media": [{"type": "image/png", "data": PNG}]}
+    response = client.post(f"/api/agents/{agent}/runs", headers=auth, json=body)
+    assert response.status_code == 422
+    assert "text only" in response.json["detail"]
+
+
+def test_images_over_the_size_limit_are_422(database_url):
+    from agent_runs import create_app
+
+    from .conftest import make_token
+
+    app = create_app({"AGENT_RUNS_DATABASE_URL": database_url, "AGENT_RUNS_MAX_MEDIA_BYTES": 10})
+    body = {"message": "hi", "media": [{"type": "image/png", "data": PNG}]}
+    response = app.test_client().post("/api/agents/assistant/runs", headers=make_token(), json=body)
+    assert response.status_code == 422 and "at most 10 bytes" in json.dumps(response.json)
+
+
+def test_explained_tool_calls_stream_their_thought_as_reasoning(client, auth, agents):
+    def lookup(query: str) -> str:
+        return "found"
+
+    agent = agents("explainer", tools=[lookup], explain_tool_calls=True)
+    events = run(client, auth, agent)
+    types = [e["event"] for e in events]
+    start = types.index("TOOL_START")
+    assert events[start - 1] == {
+        **events[start - 1],
+        "event": "REASONING_DELTA",
+        "data": "lookup has the answer to this.",
+    }
+    assert json.loads(events[start]["data"])["arguments"] == {"query": "hi"}
+    assert tool_ends(events)[0]["result"] == "found"  # the tool never saw "thought"
+
+
+def test_long_conversations_are_trimmed_to_the_context_budget():
+    from agent_runs.runtime.loop import fit_to_context
+
+    turns = [
+        m
+        for i in range(50)
+        for m in (
+            {"role": "user", "content": f"question {i} " + "x" * 400},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"id": f"c{i}", "name": "t", "arguments": {}}],
+            },
+            {"role": "tool", "tool_call_id": f"c{i}", "name": "t", "content": "r" * 400},
+            {"role": "assistant", "content": "a" * 400},
+        )
+    ]
+    messages = [{"role": "system", "content": "be nice"}, *turns]
+    kept = fit_to_context(messages, 2000)
+    assert kept[0]["role"] == "system" and kept[1]["role"] == "user"
+    assert kept[-4:] == turns[-4:]
+    assert 4 < len(kept) < len(messages) and (len(kept) - 1) % 4 == 0
+    assert fit_to_context(messages, 10**6) == messages

@@ -61,6 +61,7 @@ def _start(agent_id: str, *, background: bool = False) -> tuple[ActiveRun, dict[
     body = RunRequestSchema(
         max_message_length=state.config["AGENT_RUNS_MAX_MESSAGE_LENGTH"],
         max_media=state.config["AGENT_RUNS_MAX_MEDIA"],
+        max_media_bytes=state.config["AGENT_RUNS_MAX_MEDIA_BYTES"],
     ).load(_json_body())
     active = start_run(
         state.executor,

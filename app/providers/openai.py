@@ -20,6 +20,8 @@ local Ollama). The agent's ``model_options`` configure it:
     ``retry_delay`` seconds (default 0.5) doubled each time, or what ``Retry-After`` asks,
     capped at 20 s. Only before the first delta is yielded: a stream cut after output reached
     the run fails with :class:`ProviderError`, since a retry would repeat what was said.
+``vision``
+    Whether the model accepts images (default true); false makes runs with media a 422.
 ``extra_body``
     A mapping merged into the request body, for server-specific parameters (``top_k``,
     ``chat_template_kwargs``, ``reasoning_effort``...).
@@ -180,6 +182,9 @@ class OpenAIProvider:
         if not isinstance(extra_body, Mapping):
             raise ValueError("model_options.extra_body must be a mapping")
         self.extra_body = dict(extra_body)
+        # Whether the model takes image parts; model_options vision: false marks a text-only
+        # model, so a run with media is refused up front rather than failed by the server.
+        self.accepts_images = bool(options.get("vision", True))
 
     def __repr__(self) -> str:
         return f"OpenAIProvider({self.model!r}, base_url={_display_url(self.base_url)!r})"

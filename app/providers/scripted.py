@@ -73,6 +73,9 @@ def _arguments(spec: ToolSpec, message: str) -> dict[str, Any]:
 
 
 class ScriptedProvider:
+    # It cannot see images, but acknowledges them, so clients can test sending media.
+    accepts_images = True
+
     def __init__(self, model: str = "", options: dict[str, Any] | None = None) -> None:
         options = options or {}
         self.delay = float(options.get("delay", 0))
@@ -102,7 +105,11 @@ class ScriptedProvider:
             for text in (f'The user asks: "{message[:200]}". ', f"I should call {spec.name}."):
                 self._pace()
                 yield ReasoningDelta(text)
-            arguments = json.dumps(_arguments(spec, message))
+            values = _arguments(spec, message)
+            if "thought" in spec.parameters.get("properties", {}):
+                # The loop's optional explanation argument, filled as a model would.
+                values["thought"] = f"{spec.name} has the answer to this."
+            arguments = json.dumps(values)
             middle = len(arguments) // 2
             self._pace()
             yield ToolCallDelta(0, id="call_1", name=spec.name, arguments=arguments[:middle])
@@ -118,6 +125,9 @@ class ScriptedProvider:
             yield ReasoningDelta("No tool is needed; I will answer directly.")
             turn = sum(1 for m in messages if m["role"] == "user")
             answer = f"You said: {message}" if turn == 1 else f"(turn {turn}) You said: {message}"
+            images = len(messages[last_user].get("media") or ())
+            if images:
+                answer += f" (with {images} image{'s' if images > 1 else ''})"
         for piece in _split(answer, self.content_deltas):
             self._pace()
             yield ContentDelta(piece)

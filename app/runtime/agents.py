@@ -136,6 +136,12 @@ class Agent:
     max_steps: int = 8
     # Settings handed to the model back end as they are (e.g. the scripted model's pacing).
     model_options: Mapping[str, Any] = field(default_factory=dict)
+    # Give every tool an optional "thought" argument and stream it as reasoning, so models
+    # without native reasoning still explain each tool call.
+    explain_tool_calls: bool = False
+    # The conversation sent to the model is trimmed, oldest turns first, to about this many
+    # tokens (estimated at four characters a token).
+    context_tokens: int = 32_000
 
     def __post_init__(self) -> None:
         if not AGENT_ID_PATTERN.match(self.id):
@@ -147,6 +153,8 @@ class Agent:
             raise AgentDefinitionError(f"agent {self.id!r} names a tool twice")
         if self.max_steps < 1:
             raise AgentDefinitionError(f"agent {self.id!r}: max_steps must be at least 1")
+        if self.context_tokens < 256:
+            raise AgentDefinitionError(f"agent {self.id!r}: context_tokens must be at least 256")
 
     def tool(self, name: str) -> Tool | None:
         return next((t for t in self.tools if t.name == name), None)
@@ -184,6 +192,8 @@ def register_agent(
     tools: Iterable[Callable[..., Any] | Tool] = (),
     max_steps: int = 8,
     model_options: Mapping[str, Any] | None = None,
+    explain_tool_calls: bool = False,
+    context_tokens: int = 32_000,
 ) -> Agent:
     """Define an agent from Python. It overrides a file agent with the same id."""
     agent = Agent(
@@ -196,6 +206,8 @@ def register_agent(
         tools=tuple(t if isinstance(t, Tool) else tool(t) for t in tools),
         max_steps=max_steps,
         model_options=dict(model_options or {}),
+        explain_tool_calls=explain_tool_calls,
+        context_tokens=context_tokens,
     )
     _python_agents[agent.id] = agent
     return agent
@@ -269,6 +281,8 @@ def _agent_from_mapping(entry: Any, where: str) -> Agent:
         tools=tuple(_resolve_tool(t, where) for t in entry.get("tools") or ()),
         max_steps=int(entry.get("max_steps", 8)),
         model_options=dict(entry.get("model_options") or {}),
+        explain_tool_calls=bool(entry.get("explain_tool_calls", False)),
+        context_tokens=int(entry.get("context_tokens", 32_000)),
     )
 
 

@@ -25,12 +25,16 @@ from ..providers.base import (
     Provider,
     ReasoningDelta,
     ToolCallDelta,
+    ToolSpec,
     UsageDelta,
 )
 from .agents import Agent
 from .events import EventType, json_data
 
 logger = logging.getLogger(__name__)
+
+THOUGHT = "thought"
+THOUGHT_DESCRIPTION = "One sentence: why you are calling this tool now."
 
 FOLLOWUPS_INSTRUCTIONS = (
     "Suggest exactly three short follow-up questions the user might ask next about this "
@@ -137,8 +141,10 @@ class AgentLoop:
         approved or rejected by ``decision``.
         """
         system = [{"role": "system", "content": self.agent.instructions}]
-        conversation = (system if self.agent.instructions else []) + history
-        tools = [t.spec for t in self.agent.tools]
+        conversation = fit_to_context(
+            (system if self.agent.instructions else []) + history, self.agent.context_tokens
+        )
+        tools = [self._spec(t) for t in self.agent.tools]
         if pending_calls:
             self._call_tools(pending_calls, decision)
         for step in range(self.agent.max_steps):
@@ -157,10 +163,33 @@ class AgentLoop:
                 break
             for call in calls:
                 call["arguments"] = _parse_arguments(call["arguments"])
+                self._explain(call)
             self.new_messages.append({"role": "assistant", "content": text, "tool_calls": calls})
             self._call_tools(calls)
         if self.generate_followups:
             self._suggest_followups(conversation)
+
+    def _spec(self, tool: Any) -> ToolSpec:
+        """Describe a tool to the model, with the optional "thought" argument if asked for."""
+        spec = tool.spec
+        if not self.agent.explain_tool_calls:
+            return spec
+        parameters = dict(spec.parameters)
+        parameters["properties"] = {
+            **parameters.get("properties", {}),
+            THOUGHT: {"type": "string", "description": THOUGHT_DESCRIPTION},
+        }
+        return ToolSpec(spec.name, spec.description, parameters)
+
+    def _explain(self, call: dict[str, Any]) -> None:
+        """Stream a call's "thought" argument as reasoning, and take it out of the call."""
+        arguments = call["arguments"]
+        if not (self.agent.explain_tool_calls and isinstance(arguments, dict)):
+            return
+        thought = arguments.pop(THOUGHT, None)
+        if isinstance(thought, str) and thought.strip():
+            self.reasoning_steps.append(thought)
+            self.emit(EventType.REASONING_DELTA, thought)
 
     def _check_cancelled(self) -> None:
         if self.is_cancelled():
@@ -322,3 +351,33 @@ def _parse_arguments(raw: str) -> Any:
     except ValueError:
         return raw
     return arguments if isinstance(arguments, dict) else raw
+
+
+def estimate_tokens(message: dict[str, Any]) -> int:
+    """Estimate a message's size in tokens: about four characters each, plus some framing."""
+    size = len(message.get("content") or "")
+    for call in message.get("tool_calls") or ():
+        size += len(call.get("name", "")) + len(json.dumps(call.get("arguments"), default=str))
+    return size // 4 + 4
+
+
+def fit_to_context(messages: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """Drop the oldest turns until the conversation fits the budget.
+
+    A turn is a user message and what followed it (assistant messages, tool calls and their
+    results), so a tool call is never separated from its result. System messages and the
+    current turn are always kept.
+    """
+    system = [m for m in messages if m["role"] == "system"]
+    rest = [m for m in messages if m["role"] != "system"]
+    starts = [0] + [i for i, m in enumerate(rest) if m["role"] == "user" and i > 0]
+    turns = [rest[a:b] for a, b in zip(starts, starts[1:] + [len(rest)], strict=True)]
+    used = sum(estimate_tokens(m) for m in system)
+    kept: list[list[dict[str, Any]]] = []
+    for turn in reversed(turns):
+        size = sum(estimate_tokens(m) for m in turn)
+        if kept and used + size > budget:
+            break
+        kept.append(turn)
+        used += size
+    return system + [m for turn in reversed(kept) for m in turn]

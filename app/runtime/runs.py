@@ -158,6 +158,10 @@ def start_run(
     user_id = _acting_user(principal, body)
     options = body.get("options") or {}
     model, provider, model_name = _provider_for(agent, options.get("model"), default_model)
+    if body.get("media") and not getattr(provider, "accepts_images", False):
+        raise RunRequestRejected(
+            "media", f"Model {model!r} takes text only; send the message without media."
+        )
 
     run_id = "run_" + uuid.uuid4().hex
     uid = body.get("session_id") or str(uuid.uuid4())
