@@ -59,6 +59,9 @@ class AgentRuns:
         for key, value in config_module.from_environment().items():
             app.config.setdefault(key, value)
         settings = {key: app.config[key] for key in config_module.DEFAULTS}
+        settings["AGENT_RUNS_DEFAULT_MODEL"] = config_module.default_model(
+            settings["AGENT_RUNS_DEFAULT_MODEL"]
+        )
 
         open_database(settings["AGENT_RUNS_DATABASE_URL"])
         executor = Executor(

@@ -18,8 +18,9 @@ DEFAULTS: dict[str, Any] = {
     "AGENT_RUNS_MIGRATE_ON_START": True,
     # Agent definitions (YAML or JSON). None means the bundled demo agents.
     "AGENT_RUNS_AGENTS_FILE": None,
-    # Model used by agents that do not name one.
-    "AGENT_RUNS_DEFAULT_MODEL": "scripted",
+    # Model used by agents that do not name one. None: the embedded model ("local") when the
+    # local extra is installed, else the deterministic "scripted" model.
+    "AGENT_RUNS_DEFAULT_MODEL": None,
     # Where the API is mounted.
     "AGENT_RUNS_URL_PREFIX": "/api",
     # Seconds of silence after which a stream gets a ": ping" comment.
@@ -63,6 +64,8 @@ _BOOLEAN_WORDS = {
 def _coerce(key: str, raw: str) -> Any:
     """Turn an environment string into the type of the key's default."""
     default = DEFAULTS[key]
+    if default is None:
+        return raw
     if isinstance(default, bool):
         try:
             return _BOOLEAN_WORDS[raw.strip().lower()]
@@ -73,6 +76,15 @@ def _coerce(key: str, raw: str) -> Any:
     if isinstance(default, float):
         return float(raw)
     return raw
+
+
+def default_model(configured: str | None) -> str:
+    """Return the model of agents that name none: the configured one, else the best at hand."""
+    if configured:
+        return configured
+    from .providers.local import is_available
+
+    return "local" if is_available() else "scripted"
 
 
 def from_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -13,6 +13,11 @@ import os  # noqa: E402
 
 import pytest  # noqa: E402
 
+# The tests expect the deterministic scripted model wherever an agent names no model, also
+# when the embedded model is installed (it would otherwise be the default); servers started
+# by the tests inherit this.
+os.environ.setdefault("AGENT_RUNS_DEFAULT_MODEL", "scripted")
+
 from agent_runs import create_app  # noqa: E402
 from agent_runs.auth import create_token  # noqa: E402
 from agent_runs.db import database  # noqa: E402

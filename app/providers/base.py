@@ -96,7 +96,9 @@ class Provider(Protocol):
 # Provider. Imported on first use, so an extra's SDK is needed only when it is used.
 PROVIDERS: dict[str, str] = {
     "scripted": "agent_runs.providers.scripted:ScriptedProvider",
+    "local": "agent_runs.providers.local:LocalProvider",
     "openai": "agent_runs.providers.openai:OpenAIProvider",
+    "anthropic": "agent_runs.providers.anthropic:AnthropicProvider",
     # An OpenAI-compatible server on localhost:11434 that needs no key.
     "ollama": "agent_runs.providers.openai:ollama",
 }
