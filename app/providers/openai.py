@@ -45,15 +45,12 @@ import email.utils
 import json
 import os
 import random
-import sys
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import gevent
-import gevent.monkey
 import openai
 
 from .base import (
@@ -68,6 +65,7 @@ from .base import (
     UnknownModel,
     UsageDelta,
 )
+from .sdk import trio_hidden
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 OLLAMA_BASE_URL = "http://localhost:11434/v1"
@@ -89,29 +87,10 @@ def _client(base_url: str, api_key: str) -> openai.OpenAI:
     key = (base_url, api_key)
     client = _clients.get(key)
     if client is None:
-        with _trio_hidden():
+        with trio_hidden():
             client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
         client = _clients.setdefault(key, client)
     return client
-
-
-@contextmanager
-def _trio_hidden() -> Iterator[None]:
-    """Make ``import trio`` fail cleanly while the SDK's HTTP layer loads, under gevent.
-
-    The HTTP layer (httpcore) tries ``import trio`` and expects ImportError when it is
-    absent. gevent's monkey-patching removes ``select.epoll``, so an installed trio fails to
-    import with AttributeError instead and no client can be made. A synchronous client never
-    uses trio, so it is hidden (``None`` in ``sys.modules``) for that moment only.
-    """
-    hide = "trio" not in sys.modules and gevent.monkey.is_module_patched("select")
-    if hide:
-        sys.modules["trio"] = None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        if hide and sys.modules.get("trio", 0) is None:
-            del sys.modules["trio"]
 
 
 def _display_url(url: str) -> str:
