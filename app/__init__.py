@@ -80,7 +80,7 @@ class AgentRuns:
             migrate()
             # Runs left RUNNING by a worker that died are failed before anyone reads them.
             with database.connection_context():
-                sweep_expired_runs(executor.log)
+                sweep_expired_runs()
 
         app.extensions["agent_runs"] = AgentRunsState(
             config=settings,

@@ -25,8 +25,9 @@ DEFAULTS: dict[str, Any] = {
     "AGENT_RUNS_URL_PREFIX": "/api",
     # Seconds of silence after which a stream gets a ": ping" comment.
     "AGENT_RUNS_PING_INTERVAL": 15.0,
-    # How often buffered events are written to the database, in seconds.
-    "AGENT_RUNS_EVENT_FLUSH_INTERVAL": 0.05,
+    # How often buffered events are written to the database, in seconds; streams get events
+    # once written, so this is also the most an event waits before it is sent.
+    "AGENT_RUNS_EVENT_FLUSH_INTERVAL": 0.025,
     # Input bounds for a RunRequest.
     "AGENT_RUNS_MAX_MESSAGE_LENGTH": 32_000,
     "AGENT_RUNS_MAX_MEDIA": 8,

@@ -255,6 +255,8 @@ class RunResponseSchema(Schema):
     usage = fields.Nested(UsageSchema, allow_none=True)
     error = fields.Function(_run_error)
     metadata = fields.Function(lambda run: {"model": run.model})
+    # What a PAUSED run waits for: the tool call to APPROVE or REJECT.
+    required_action = fields.Dict(data_key="requiredAction", allow_none=True)
 
 
 # Sessions ----------------------------------------------------------------------------------

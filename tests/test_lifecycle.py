@@ -346,8 +346,8 @@ def test_the_sweep_fails_runs_whose_lease_expired(client, auth, app):
             Run.id == run["runId"]
         ).execute()
         Session.update(active_run_id=run["runId"]).execute()
-        assert sweep_expired_runs(app.extensions["agent_runs"].executor.log) == [run["runId"]]
-        assert sweep_expired_runs(app.extensions["agent_runs"].executor.log) == []
+        assert sweep_expired_runs() == [run["runId"]]
+        assert sweep_expired_runs() == []
         last = (
             RunEvent.select()
             .where(RunEvent.run == run["runId"])

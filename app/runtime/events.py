@@ -1,9 +1,11 @@
 """Run events: their types, the SSE encoding, live fan-out and the batched event log.
 
-Every event a run emits gets the next ``seq`` of that run and goes two ways at once: into the
-in-memory :class:`RunChannel`, which wakes the streams following the run in this process, and
-into the :class:`EventLog`, which writes events to the RunEvent table in small batches. A
-stream that starts late, or on another worker, replays the log and then tails the channel.
+Every event a run emits gets the next ``seq`` of that run and goes to the :class:`EventLog`,
+which writes events to the RunEvent table in small batches; once a batch is written, its
+events are published to their :class:`RunChannel`, which wakes the streams following the run
+in this process. No client ever sees an event the log could lose: after a crash, what a
+client saw is in the log, and the ids it holds are never given to other events. A stream that
+starts late, or on another worker, replays the log and then tails the channel.
 """
 
 from __future__ import annotations
@@ -87,9 +89,9 @@ def json_data(value: object) -> str:
 class RunChannel:
     """The live events of one run executing in this process, for the streams that follow it.
 
-    ``events`` holds what this process published for the run, from ``first_seq`` on; streams
-    wait on the channel for more. The channel is dropped once the run has ended and its last
-    follower has left: by then everything is in the log.
+    ``events`` holds what this process published for the run (written to the log), from
+    ``first_seq`` on; streams wait on the channel for more. The channel is dropped once the
+    run has ended and its last follower has left: by then everything is in the log.
     """
 
     def __init__(self, run_id: str, first_seq: int = 1) -> None:
@@ -97,27 +99,21 @@ class RunChannel:
         self.first_seq = first_seq
         self.events: list[Event] = []
         self.closed = False
+        self._next_seq = first_seq
         self._changed = gevent.event.Event()
 
-    @property
-    def next_seq(self) -> int:
-        return self.first_seq + len(self.events)
-
     def make_event(self, type: str, data: str) -> Event:
-        """Create the run's next event without publishing it."""
-        return Event(self.run_id, self.next_seq, type, data, now_ms())
+        """Create the run's next event; it is published once the log has written it."""
+        event = Event(self.run_id, self._next_seq, type, data, now_ms())
+        self._next_seq += 1
+        return event
 
-    def publish(self, event: Event) -> None:
-        """Add an event to the channel and wake every stream waiting on it."""
-        assert event.seq == self.next_seq, "events are published in seq order"
-        self.events.append(event)
-        if event.is_final:
+    def publish(self, events: list[Event]) -> None:
+        """Add written events to the channel and wake every stream waiting on it."""
+        self.events.extend(events)
+        self._next_seq = max(self._next_seq, events[-1].seq + 1)
+        if events[-1].is_final:
             self.closed = True
-        self._wake()
-
-    def close(self) -> None:
-        """Mark the run as finished in this process (paused, or ended without a final event)."""
-        self.closed = True
         self._wake()
 
     def _wake(self) -> None:
@@ -142,35 +138,38 @@ class RunChannel:
 
 
 class EventLog:
-    """Writes run events to the database in batches, off the streaming path.
+    """Writes run events to the database in batches, then publishes them to their channels.
 
     A writer greenlet flushes whatever accumulated every ``flush_interval`` seconds: one
-    INSERT for many events of many runs, instead of a transaction per token. A run that
-    reaches a state others must see (its end, a pause) calls :meth:`flush` itself, in the same
-    transaction that records that state.
+    INSERT for many events of many runs, instead of a transaction per token, and one wake-up
+    per stream for all the events of the batch. A run that reaches a state others must see
+    (its end, a pause) calls :meth:`flush` itself, in the same transaction that records that
+    state, and publishes once that transaction has committed.
     """
 
     BATCH_ROWS = 500
 
     def __init__(self, flush_interval: float) -> None:
         self.flush_interval = flush_interval
-        self._pending: list[tuple[str, int, str, str, int]] = []
+        self._pending: list[tuple[Event, RunChannel | None]] = []
         self._lock = threading.Lock()
         self._writer: gevent.Greenlet | None = None
 
-    def append(self, event: Event) -> None:
-        self._pending.append((event.run_id, event.seq, event.type, event.data, event.timestamp))
+    def append(self, event: Event, channel: RunChannel | None = None) -> None:
+        """Queue an event for writing; ``channel`` gets it once it is written."""
+        self._pending.append((event, channel))
         if self._writer is None or self._writer.dead:
             # Started on first use, so it lives in the worker process, not in a parent that
             # forked it.
             self._writer = gevent.spawn(self._write_forever)
 
-    def flush(self) -> None:
-        """Write every pending event now. Safe to call inside a transaction."""
+    def flush(self) -> list[tuple[Event, RunChannel | None]]:
+        """Write every pending event now; return them, for :func:`publish` after commit."""
         with self._lock:
-            rows, self._pending = self._pending, []
-            if not rows:
-                return
+            batch, self._pending = self._pending, []
+            if not batch:
+                return []
+            rows = [(e.run_id, e.seq, e.type, e.data, e.timestamp) for e, _ in batch]
             try:
                 with database.connection_context(), database.atomic():
                     for start in range(0, len(rows), self.BATCH_ROWS):
@@ -188,16 +187,17 @@ class EventLog:
                             .on_conflict_ignore()
                             .execute()
                         )
-            except Exception:
+            except BaseException:
                 # Keep the events for the next attempt rather than lose them.
-                self._pending[:0] = rows
+                self._pending[:0] = batch
                 raise
+            return batch
 
     def _write_forever(self) -> None:
         while True:
             gevent.sleep(self.flush_interval)
             try:
-                self.flush()
+                publish(self.flush())
             except Exception:
                 logger.exception("writing run events failed; retrying")
             if not self._pending:
@@ -206,3 +206,13 @@ class EventLog:
                 if not self._pending:
                     self._writer = None
                     return
+
+
+def publish(written: list[tuple[Event, RunChannel | None]]) -> None:
+    """Hand written events to their channels, waking each channel's streams once."""
+    by_channel: dict[RunChannel, list[Event]] = {}
+    for event, channel in written:
+        if channel is not None:
+            by_channel.setdefault(channel, []).append(event)
+    for channel, events in by_channel.items():
+        channel.publish(events)

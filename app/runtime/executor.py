@@ -28,7 +28,16 @@ from ..db import database
 from ..models import Message, Run, RunEvent, RunStatus, Session, utcnow
 from ..providers.base import Provider, ProviderError
 from .agents import Agent
-from .events import PING_FRAME, Event, EventLog, EventType, RunChannel, json_data, now_ms
+from .events import (
+    PING_FRAME,
+    Event,
+    EventLog,
+    EventType,
+    RunChannel,
+    json_data,
+    now_ms,
+    publish,
+)
 from .loop import AgentLoop, RunCancelled, RunPaused, Usage
 
 logger = logging.getLogger(__name__)
@@ -85,7 +94,7 @@ class ActiveRun:
 
 @dataclass(frozen=True)
 class ExecutorSettings:
-    flush_interval: float = 0.05
+    flush_interval: float = 0.025
     ping_interval: float = 15.0
     tool_timeout: float = 30.0
     # A run's lease lasts this long and is renewed a few times within it.
@@ -116,20 +125,20 @@ class Executor:
 
     # Starting runs ----------------------------------------------------------------------
 
-    def start(self, job: RunJob, *, background: bool = False) -> ActiveRun:
-        """Begin executing a run here; a new run's START event is emitted before this returns.
+    def start(
+        self, job: RunJob, *, start_event: Event | None = None, background: bool = False
+    ) -> ActiveRun:
+        """Begin executing a run here.
 
-        A background run waits in this worker's queue until the pool has room for it.
+        ``start_event`` is a new run's START, already written with the run itself: its
+        streams get it at once. A background run waits in this worker's queue until the pool
+        has room for it.
         """
         self._ensure_services()
         active = ActiveRun(job, RunChannel(job.run_id, job.first_seq))
         self.active[job.run_id] = active
-        if job.first_seq == 1:
-            self._emit(
-                active.channel,
-                EventType.START,
-                json_data({"runId": job.run_id, "sessionId": job.session_uid}),
-            )
+        if start_event is not None:
+            active.channel.publish([start_event])
         if background:
             self._queue.put(active)
         else:
@@ -197,9 +206,7 @@ class Executor:
     # Executing --------------------------------------------------------------------------
 
     def _emit(self, channel: RunChannel, type: str, data: str) -> None:
-        event = channel.make_event(type, data)
-        self.log.append(event)
-        channel.publish(event)
+        self.log.append(channel.make_event(type, data), channel)
 
     def _execute(self, active: ActiveRun, queued: bool = False) -> None:
         # The run holds a database connection only while it reads or writes: thousands of
@@ -281,36 +288,39 @@ class Executor:
     def _finish(self, active: ActiveRun, loop: AgentLoop, outcome: Outcome) -> None:
         """Record the run's outcome and its last event together, then end its stream."""
         job = active.job
-        event = active.channel.make_event(outcome.type, outcome.data)
-        self.log.append(event)
+        self.log.append(active.channel.make_event(outcome.type, outcome.data), active.channel)
         if outcome.status in (RunStatus.COMPLETED, RunStatus.PAUSED):
             messages = loop.new_messages
         elif outcome.status == RunStatus.CANCELLED:
             messages = _closing_messages(loop.new_messages, loop.answer)
         else:
             messages = []
+        written: list = []
         try:
             # A cancel that raced the end of the loop may land here; recording wins.
             for _attempt in range(3):
                 try:
-                    self._record(job, loop, outcome, messages)
+                    written = self._record(job, loop, outcome, messages)
                     break
                 except RunCancelled:
                     continue
         except Exception:
+            # The last events stay queued in the log, whose writer retries them; until then
+            # the run's streams wait, and its status says RUNNING.
             logger.exception("recording the end of run %s failed", job.run_id)
         finally:
-            active.channel.publish(event)
+            publish(written)
             self.active.pop(job.run_id, None)
             active.done.set()
 
     def _record(
         self, job: RunJob, loop: AgentLoop, outcome: Outcome, messages: list[dict[str, Any]]
-    ) -> None:
+    ) -> list[tuple[Event, RunChannel | None]]:
+        """Write the run's outcome with every pending event; return them for publishing."""
         now = utcnow()
         paused = outcome.status == RunStatus.PAUSED
         with database.connection_context(), database.atomic():
-            self.log.flush()
+            written = self.log.flush()
             changes: dict[str, Any] = dict(
                 status=outcome.status,
                 content=loop.answer,
@@ -330,6 +340,7 @@ class Executor:
             save_messages(job.session_pk, job.run_id, messages, now)
             if not paused:
                 release_session(job.session_pk, job.run_id, now)
+        return written
 
     # Leases, remote cancels, the sweep --------------------------------------------------
 
@@ -361,7 +372,7 @@ class Executor:
                     now = gevent.get_hub().loop.now()
                     if now - last_renewal >= renew_every:
                         self._renew_leases()
-                        sweep_expired_runs(self.log)
+                        sweep_expired_runs()
                         last_renewal = now
                     if now - last_prune >= PRUNE_EVERY:
                         prune_events(self.settings.retention_days)
@@ -403,7 +414,7 @@ class Executor:
                         AgentLoop(active.job.agent, active.job.provider, "", lambda t, d: None),
                         Outcome(RunStatus.FAILED, EventType.ERROR, SHUTDOWN_MESSAGE, "worker_lost"),
                     )
-            self.log.flush()
+            publish(self.log.flush())
         finally:
             for greenlet in self._services:
                 greenlet.kill(block=False)
@@ -501,9 +512,8 @@ def release_session(session_pk: int, run_id: str, now: datetime.datetime) -> Non
     )
 
 
-def close_run_log(log: EventLog, run_id: str, type: str, data: str) -> None:
+def close_run_log(run_id: str, type: str, data: str) -> None:
     """Append a final event to the log of a run no executor holds (inside a transaction)."""
-    log.flush()
     last = (
         RunEvent.select(RunEvent.seq)
         .where(RunEvent.run == run_id)
@@ -515,7 +525,7 @@ def close_run_log(log: EventLog, run_id: str, type: str, data: str) -> None:
     ).execute()
 
 
-def sweep_expired_runs(log: EventLog) -> list[str]:
+def sweep_expired_runs() -> list[str]:
     """Fail every run whose lease expired: its worker died. Returns their ids.
 
     Each is marked FAILED with errorType worker_lost, its log closed with an ERROR event and
@@ -549,7 +559,7 @@ def sweep_expired_runs(log: EventLog) -> list[str]:
             )
             if not updated:
                 continue
-            close_run_log(log, run_id, EventType.ERROR, LOST_MESSAGE)
+            close_run_log(run_id, EventType.ERROR, LOST_MESSAGE)
             session_pk = Run.select(Run.session).where(Run.id == run_id).scalar()
             release_session(session_pk, run_id, now)
         swept.append(run_id)

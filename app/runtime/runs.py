@@ -17,7 +17,7 @@ from ..db import database
 from ..models import Message, Run, RunEvent, RunStatus, Session, utcnow
 from ..providers.base import resolve_model
 from .agents import Agent, AgentRegistry
-from .events import EventType, json_data
+from .events import Event, EventType, json_data, now_ms
 from .executor import (
     ActiveRun,
     Executor,
@@ -187,6 +187,13 @@ def start_run(
             lease_expires_at=lease_deadline(executor.settings.lease_seconds),
         )
         Message.create(session=session, run=run_id, role="user", content=body["message"])
+        # START is written with the run, so its streams get their first event at once.
+        start = Event(
+            run_id, 1, EventType.START, json_data({"runId": run_id, "sessionId": uid}), now_ms()
+        )
+        RunEvent.create(
+            run=run_id, seq=1, type=start.type, data=start.data, timestamp=start.timestamp
+        )
     job = RunJob(
         run_id=run_id,
         session_pk=session.id,
@@ -199,7 +206,7 @@ def start_run(
         max_tokens=options.get("max_tokens"),
         generate_followups=body.get("generate_followups", False),
     )
-    return executor.start(job, background=background)
+    return executor.start(job, start_event=start, background=background)
 
 
 def continue_run(
@@ -288,7 +295,7 @@ def _cancel_paused(executor: Executor, run: Run) -> None:
             return  # continued or cancelled meanwhile
         unanswered = [cancelled_tool_message(call) for call in run.pending_calls or ()]
         save_messages(run.session.id, run.id, unanswered, now)
-        close_run_log(executor.log, run.id, EventType.STOP, json_data({"reason": "cancelled"}))
+        close_run_log(run.id, EventType.STOP, json_data({"reason": "cancelled"}))
         release_session(run.session.id, run.id, now)
 
 
