@@ -17,7 +17,9 @@ from typing import Any
 from flask import Flask
 
 from . import config as config_module
+from .auth import JWTSettings
 from .db import database, migrate, open_database
+from .limits import RateLimiter
 from .runtime.agents import Agent, AgentRegistry, Tool, register_agent, register_tool, tool
 from .runtime.executor import Executor, ExecutorSettings, sweep_expired_runs
 
@@ -41,6 +43,10 @@ class AgentRunsState:
     config: Mapping[str, Any]
     registry: AgentRegistry
     executor: Executor
+    # Built on first request by api.openapi, then served as is.
+    openapi_document: dict[str, Any] | None = None
+    rate_limiter: RateLimiter
+    jwt: JWTSettings | None = None
 
     @property
     def default_model(self) -> str:
@@ -86,6 +92,8 @@ class AgentRuns:
             config=settings,
             registry=AgentRegistry.from_file(settings["AGENT_RUNS_AGENTS_FILE"]),
             executor=executor,
+            rate_limiter=RateLimiter(settings["AGENT_RUNS_RATE_LIMIT"]),
+            jwt=JWTSettings.from_config(settings),
         )
 
         from .api import bp

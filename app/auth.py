@@ -1,20 +1,33 @@
-"""Bearer tokens: each maps to an organisation, optionally a user, and a set of scopes.
+"""Who a request acts for: bearer tokens of our own, or JWTs from an identity provider.
 
-A token is shown once, when it is created. The database keeps its SHA-256: the lookup is by
-that digest, so nothing about the secret leaks through timing, and a stolen database holds no
-usable token.
+Our tokens map to an organisation, optionally a user, scopes and an optional expiry. A token
+is shown once, when it is created. The database keeps its SHA-256: the lookup is by that
+digest, so nothing about the secret leaks through timing, and a stolen database holds no
+usable token. Secrets are never logged.
+
+JWTs are accepted when the server is configured with a key (AGENT_RUNS_JWT_SECRET for HS256,
+AGENT_RUNS_JWT_PUBLIC_KEY for RS256): signature, ``exp``, and ``aud``/``iss`` when
+configured are checked by PyJWT, and claims map to organisation, user and scopes.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import hmac
 import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
 
 from .errors import ApiError
 from .models import ApiToken, utcnow
 from .runtime.runs import Principal
 
 TOKEN_PREFIX = "ar_"
+SCOPES = ("runs:read", "runs:write", "admin")
 DEFAULT_SCOPES = ("runs:read", "runs:write")
 
 
@@ -29,8 +42,12 @@ def create_token(
     *,
     name: str = "",
     scopes: tuple[str, ...] = DEFAULT_SCOPES,
+    expires_at: datetime.datetime | None = None,
 ) -> tuple[ApiToken, str]:
     """Create a token; return its row and the secret, which is not stored anywhere."""
+    unknown = set(scopes) - set(SCOPES)
+    if unknown:
+        raise ValueError(f"unknown scopes {sorted(unknown)}; known: {', '.join(SCOPES)}")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken.create(
         token_hash=hash_token(secret),
@@ -39,15 +56,49 @@ def create_token(
         org_id=org_id,
         user_id=user_id,
         scopes=" ".join(scopes),
+        expires_at=expires_at,
     )
     return token, secret
+
+
+@dataclass(frozen=True)
+class JWTSettings:
+    """How JWT bearer tokens are verified and mapped to a principal."""
+
+    key: str
+    algorithm: str
+    audience: str | None = None
+    issuer: str | None = None
+    org_claim: str = "org_id"
+    user_claim: str = "sub"
+    scopes_claim: str = "scope"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> JWTSettings | None:
+        """Return the settings if the server is configured for JWTs, else None."""
+        secret = config.get("AGENT_RUNS_JWT_SECRET")
+        public_key = config.get("AGENT_RUNS_JWT_PUBLIC_KEY")
+        if not secret and not public_key:
+            return None
+        if public_key and not public_key.lstrip().startswith("-----BEGIN"):
+            with open(public_key, encoding="utf-8") as handle:  # a path to a PEM file
+                public_key = handle.read()
+        return cls(
+            key=str(public_key or secret),
+            algorithm="RS256" if public_key else "HS256",
+            audience=config.get("AGENT_RUNS_JWT_AUDIENCE") or None,
+            issuer=config.get("AGENT_RUNS_JWT_ISSUER") or None,
+            org_claim=config.get("AGENT_RUNS_JWT_ORG_CLAIM") or "org_id",
+            user_claim=config.get("AGENT_RUNS_JWT_USER_CLAIM") or "sub",
+            scopes_claim=config.get("AGENT_RUNS_JWT_SCOPES_CLAIM") or "scope",
+        )
 
 
 def unauthorized(detail: str) -> ApiError:
     return ApiError(401, detail, headers={"WWW-Authenticate": 'Bearer realm="agent-runs"'})
 
 
-def authenticate(authorization: str | None) -> Principal:
+def authenticate(authorization: str | None, jwt_settings: JWTSettings | None = None) -> Principal:
     """Resolve an Authorization header to a principal, or raise a 401."""
     if not authorization:
         raise unauthorized("Send an Authorization: Bearer <token> header.")
@@ -55,12 +106,20 @@ def authenticate(authorization: str | None) -> Principal:
     secret = secret.strip()
     if scheme.lower() != "bearer" or not secret:
         raise unauthorized("The Authorization header must be 'Bearer <token>'.")
-    token = ApiToken.get_or_none(ApiToken.token_hash == hash_token(secret))
-    now = utcnow()
+    if jwt_settings is not None and secret.count(".") == 2:
+        return _from_jwt(secret, jwt_settings)
+    return _from_api_token(secret)
+
+
+def _from_api_token(secret: str) -> Principal:
+    digest = hash_token(secret)
+    token = ApiToken.get_or_none(ApiToken.token_hash == digest)
     if (
         token is None
+        # The lookup found it by digest; compare again in constant time all the same.
+        or not hmac.compare_digest(token.token_hash, digest)
         or token.revoked_at is not None
-        or (token.expires_at is not None and token.expires_at <= now)
+        or (token.expires_at is not None and token.expires_at <= utcnow())
     ):
         raise unauthorized("The bearer token is not valid.")
     return Principal(
@@ -68,4 +127,39 @@ def authenticate(authorization: str | None) -> Principal:
         user_id=token.user_id,
         scopes=frozenset(token.scopes.split()),
         token_id=token.id,
+        subject=f"token:{token.id}",
     )
+
+
+def _from_jwt(encoded: str, settings: JWTSettings) -> Principal:
+    try:
+        claims = jwt.decode(
+            encoded,
+            settings.key,
+            algorithms=[settings.algorithm],
+            audience=settings.audience,
+            issuer=settings.issuer,
+            options={"require": ["exp"], "verify_aud": settings.audience is not None},
+        )
+    except jwt.ExpiredSignatureError:
+        raise unauthorized("The bearer token has expired.") from None
+    except jwt.InvalidTokenError as error:
+        raise unauthorized(f"The bearer token is not valid: {error}.") from None
+    org_id = claims.get(settings.org_claim)
+    if not isinstance(org_id, str) or not org_id:
+        raise unauthorized(f"The bearer token has no {settings.org_claim!r} claim.")
+    user_id = claims.get(settings.user_claim)
+    raw_scopes = claims.get(settings.scopes_claim, " ".join(DEFAULT_SCOPES))
+    scopes = raw_scopes.split() if isinstance(raw_scopes, str) else list(raw_scopes or ())
+    return Principal(
+        org_id=org_id,
+        user_id=str(user_id) if user_id else None,
+        scopes=frozenset(str(scope) for scope in scopes),
+        subject=f"jwt:{org_id}:{user_id or ''}",
+    )
+
+
+def require_scope(principal: Principal, scope: str) -> None:
+    """Refuse (403) a request whose token lacks the scope it needs; admin has them all."""
+    if scope not in principal.scopes and "admin" not in principal.scopes:
+        raise ApiError(403, f"This token lacks the {scope!r} scope this request needs.")

@@ -6,6 +6,7 @@ application that embeds the extension gets ``flask tokens ...``.
 
 from __future__ import annotations
 
+import datetime
 import os
 import shlex
 import sys
@@ -41,16 +42,39 @@ tokens = AppGroup("tokens", help="Create, list and revoke API tokens.")
 cli.add_command(tokens)
 
 
+def _duration(text: str) -> datetime.timedelta:
+    """Parse a duration such as 90s, 15m, 12h or 30d."""
+    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+    number, unit = text[:-1], text[-1:]
+    if unit not in units or not number.isdigit() or int(number) == 0:
+        raise click.BadParameter(f"{text!r} is not a duration like 90s, 15m, 12h or 30d")
+    return datetime.timedelta(**{units[unit]: int(number)})
+
+
 @tokens.command("create")
 @click.option("--org", "org_id", required=True, help="The organisation the token acts for.")
 @click.option("--user", "user_id", default=None, help="Bind the token to one user.")
 @click.option("--name", default="", help="A label to recognise the token by.")
-def create_token_command(org_id: str, user_id: str | None, name: str) -> None:
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    type=click.Choice(["runs:read", "runs:write", "admin"]),
+    help="What the token may do (repeat; default runs:read and runs:write).",
+)
+@click.option("--expires-in", default=None, help="Make the token expire, e.g. 12h or 30d.")
+def create_token_command(
+    org_id: str, user_id: str | None, name: str, scopes: tuple[str, ...], expires_in: str | None
+) -> None:
     """Create a token. Its secret is printed once, alone on the last line."""
-    from .auth import create_token
+    from .auth import DEFAULT_SCOPES, create_token
+    from .models import utcnow
 
+    expires_at = utcnow() + _duration(expires_in) if expires_in else None
     with database.connection_context():
-        token, secret = create_token(org_id, user_id, name=name)
+        token, secret = create_token(
+            org_id, user_id, name=name, scopes=scopes or DEFAULT_SCOPES, expires_at=expires_at
+        )
     who = f"org {org_id!r}" + (f", user {user_id!r}" if user_id else "")
     click.echo(
         f"Created token {token.id} ({token.prefix}...) for {who}. Keep it; it is not shown again:",
@@ -62,14 +86,23 @@ def create_token_command(org_id: str, user_id: str | None, name: str) -> None:
 @tokens.command("list")
 def list_tokens_command() -> None:
     """List tokens (never their secrets)."""
-    from .models import ApiToken
+    from .models import ApiToken, utcnow
 
     with database.connection_context():
+        now = utcnow()
         for token in ApiToken.select().order_by(ApiToken.id):
-            state = "revoked" if token.revoked_at else "active"
+            if token.revoked_at:
+                state = "revoked"
+            elif token.expires_at and token.expires_at <= now:
+                state = "expired"
+            elif token.expires_at:
+                state = f"active until {token.expires_at:%Y-%m-%dT%H:%M:%SZ}"
+            else:
+                state = "active"
             click.echo(
                 f"{token.id}\t{token.prefix}...\torg={token.org_id}\t"
-                f"user={token.user_id or '-'}\t{state}\t{token.name}"
+                f"user={token.user_id or '-'}\tscopes={token.scopes.replace(' ', ',')}\t"
+                f"{state}\t{token.name}"
             )
 
 

@@ -48,6 +48,20 @@ DEFAULTS: dict[str, Any] = {
     "AGENT_RUNS_SHUTDOWN_TIMEOUT": 25.0,
     # Days the events of a finished run are kept.
     "AGENT_RUNS_EVENT_RETENTION_DAYS": 7.0,
+    # Requests a minute per token (per worker); 0 turns the limit off.
+    "AGENT_RUNS_RATE_LIMIT": 1200,
+    # Runs RUNNING or QUEUED at once per organisation; more get 429. 0 turns the cap off.
+    "AGENT_RUNS_MAX_ACTIVE_RUNS_PER_ORG": 1000,
+    # JWT bearer tokens from an identity provider: an HS256 secret, or an RS256 public key
+    # (PEM text or a file path). Without either, only the server's own tokens are accepted.
+    "AGENT_RUNS_JWT_SECRET": None,
+    "AGENT_RUNS_JWT_PUBLIC_KEY": None,
+    "AGENT_RUNS_JWT_AUDIENCE": None,
+    "AGENT_RUNS_JWT_ISSUER": None,
+    # The claims that carry the organisation, the user and the scopes.
+    "AGENT_RUNS_JWT_ORG_CLAIM": "org_id",
+    "AGENT_RUNS_JWT_USER_CLAIM": "sub",
+    "AGENT_RUNS_JWT_SCOPES_CLAIM": "scope",
 }
 
 _BOOLEAN_WORDS = {

@@ -129,6 +129,7 @@ class Run(BaseModel):
             (("org_id", "agent_id", "created_at"), False),
             (("status", "lease_expires_at"), False),
             (("session", "created_at"), False),
+            (("org_id", "status"), False),
         )
 
 

@@ -81,6 +81,7 @@ def _tables(db):
                 (("org_id", "agent_id", "created_at"), False),
                 (("status", "lease_expires_at"), False),
                 (("session", "created_at"), False),
+                (("org_id", "status"), False),
             )
 
     class RunEvent(Base):

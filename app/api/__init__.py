@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, g, request
 
-from ..auth import authenticate
+from ..auth import authenticate, require_scope
 from ..db import database
 from ..errors import problem, register_error_handlers
-from ..runtime.runs import NotFound, RunRequestRejected, RunStateConflict
+from ..runtime.runs import NotFound, RunRequestRejected, RunStateConflict, TooManyActiveRuns
 
 bp = Blueprint("agent_runs", __name__)
 register_error_handlers(bp)
@@ -20,6 +20,11 @@ register_error_handlers(bp)
 @bp.errorhandler(NotFound)
 def _not_found(error: NotFound) -> Response:
     return problem(404, error.message)
+
+
+@bp.errorhandler(TooManyActiveRuns)
+def _too_many_runs(error: TooManyActiveRuns) -> Response:
+    return problem(429, error.message, headers={"Retry-After": str(error.retry_after)})
 
 
 @bp.errorhandler(RunStateConflict)
@@ -34,15 +39,23 @@ def _rejected(error: RunRequestRejected) -> Response:
     return problem(error.status, error.message, errors=errors)
 
 
+# Endpoints anyone may call: the API's description.
+PUBLIC_ENDPOINTS = frozenset({"agent_runs.openapi_document"})
+
+
 @bp.before_request
 def _open_and_authenticate() -> None:
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return
     # Bodies carry media inline, so the limit is ours, not the host application's.
     state = current_app.extensions["agent_runs"]
     state.executor.ensure_started()
     request.max_content_length = state.config["AGENT_RUNS_MAX_CONTENT_LENGTH"]
     g.agent_runs_db = database.connection_context()
     g.agent_runs_db.__enter__()
-    g.principal = authenticate(request.headers.get("Authorization"))
+    g.principal = authenticate(request.headers.get("Authorization"), state.jwt)
+    require_scope(g.principal, "runs:read" if request.method in ("GET", "HEAD") else "runs:write")
+    state.rate_limiter.check(g.principal.subject)
 
 
 @bp.teardown_request
@@ -52,4 +65,4 @@ def _close_database(exc: BaseException | None) -> None:
         context.__exit__(None, None, None)
 
 
-from . import agents, runs, sessions  # noqa: E402,F401  (views register themselves on bp)
+from . import agents, openapi, runs, sessions  # noqa: E402,F401  (views register themselves on bp)

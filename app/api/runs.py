@@ -70,6 +70,7 @@ def _start(agent_id: str, *, background: bool = False) -> tuple[ActiveRun, dict[
         body,
         default_model=state.default_model,
         background=background,
+        max_active_runs=state.config["AGENT_RUNS_MAX_ACTIVE_RUNS_PER_ORG"],
     )
     return active, body
 

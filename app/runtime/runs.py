@@ -38,6 +38,8 @@ class Principal:
     user_id: str | None
     scopes: frozenset[str] = frozenset()
     token_id: int | None = None
+    # Who is counted for rate limits: one of our tokens, or a JWT's organisation and user.
+    subject: str = ""
 
 
 class RunRequestRejected(Exception):
@@ -69,6 +71,15 @@ class RunStateConflict(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class TooManyActiveRuns(Exception):
+    """The organisation already has as many runs going as it may."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
 
 
 class NotFound(Exception):
@@ -153,8 +164,14 @@ def start_run(
     *,
     default_model: str,
     background: bool = False,
+    max_active_runs: int = 0,
 ) -> ActiveRun:
-    """Record a new run of ``agent`` for the caller and start executing (or queue) it."""
+    """Record a new run of ``agent`` for the caller and start executing (or queue) it.
+
+    ``max_active_runs`` caps the organisation's RUNNING and QUEUED runs (0: no cap). The
+    count is taken inside the transaction that inserts the run, after its first write, so
+    on SQLite, whose writers take turns, two workers cannot both slip under the cap.
+    """
     user_id = _acting_user(principal, body)
     options = body.get("options") or {}
     model, provider, model_name = _provider_for(agent, options.get("model"), default_model)
@@ -168,6 +185,8 @@ def start_run(
     now = utcnow()
     with database.atomic():
         session = _claim_session(principal, user_id, agent, uid, run_id)
+        if max_active_runs:
+            _check_active_runs(principal.org_id, max_active_runs)
         Run.create(
             id=run_id,
             org_id=principal.org_id,
@@ -207,6 +226,19 @@ def start_run(
         generate_followups=body.get("generate_followups", False),
     )
     return executor.start(job, start_event=start, background=background)
+
+
+def _check_active_runs(org_id: str, cap: int) -> None:
+    active = (
+        Run.select()
+        .where((Run.org_id == org_id) & Run.status.in_([RunStatus.RUNNING, RunStatus.QUEUED]))
+        .count()
+    )
+    if active >= cap:
+        raise TooManyActiveRuns(
+            f"Your organisation has {active} runs going, the most it may have at once; "
+            "wait for one to finish."
+        )
 
 
 def continue_run(
