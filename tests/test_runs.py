@@ -36,12 +36,15 @@ def test_stream_carries_the_seed_events_in_order(client, auth):
     assert [e["id"] for e in events] == list(range(1, len(events) + 1))
     types = [e["event"] for e in events]
     assert types[0] == "START" and types[-1] == "STOP"
-    assert types[1:5] == ["REASONING_DELTA", "REASONING_DELTA", "TOOL_START", "TOOL_END"]
-    assert set(types[5:-1]) == {"CONTENT_DELTA"} and len(types[5:-1]) > 1
+    # The model's reasoning, then the "thought" of its tool call (finance_agent explains its
+    # tool calls), then the call, then the answer.
+    assert types[1:6] == ["REASONING_DELTA"] * 3 + ["TOOL_START", "TOOL_END"]
+    assert events[3]["data"] == "get_stock_price has the answer to this."
+    assert set(types[6:-1]) == {"CONTENT_DELTA"} and len(types[6:-1]) > 1
     start = json.loads(events[0]["data"])
     assert start["runId"].startswith("run_") and start["sessionId"]
-    assert json.loads(events[3]["data"])["arguments"] == {"ticker": "NVDA"}
-    tool_end = json.loads(events[4]["data"])
+    assert json.loads(events[4]["data"])["arguments"] == {"ticker": "NVDA"}
+    tool_end = json.loads(events[5]["data"])
     assert tool_end["name"] == "get_stock_price" and float(tool_end["result"]) > 0
     assert events[-1]["data"] == ""
     assert all(isinstance(e["timestamp"], int) for e in events)
@@ -58,7 +61,10 @@ def test_synchronous_run_answers_a_run_response(client, auth):
     assert body["status"] == "COMPLETED"
     assert body["runId"].startswith("run_")
     assert "get_stock_price returned" in body["content"]
-    assert body["reasoningSteps"] == [f'The user asks: "{NVDA}". I should call get_stock_price.']
+    assert body["reasoningSteps"] == [
+        f'The user asks: "{NVDA}". I should call get_stock_price.',
+        "get_stock_price has the answer to this.",
+    ]
     [tool] = body["tools"]
     assert tool["name"] == "get_stock_price" and tool["arguments"] == {"ticker": "NVDA"}
     assert tool["isError"] is False and isinstance(tool["durationMs"], int)

@@ -261,6 +261,8 @@ _AGENT_KEYS = {
     "tools",
     "max_steps",
     "model_options",
+    "explain_tool_calls",
+    "context_tokens",
 }
 
 
