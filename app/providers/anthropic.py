@@ -44,7 +44,6 @@ import base64
 import binascii
 import inspect
 import json
-import os
 import random
 import sys
 from collections import OrderedDict
@@ -66,7 +65,7 @@ from .base import (
     UnknownModel,
     UsageDelta,
 )
-from .sdk import display_url, option_number, retry_after, trio_hidden
+from .sdk import display_url, endpoint, option_number, retry_after, trio_hidden
 
 ANTHROPIC_BASE_URL = "https://api.anthropic.com"
 # Sent as the key to servers that need none: the SDK insists on having one.
@@ -143,30 +142,12 @@ class AnthropicProvider:
                 "name the model after the provider, e.g. 'anthropic:claude-sonnet-4-5'"
             )
         self.model = model
-        if options.get("base_url"):
-            self.base_url = str(options["base_url"])
-            fallback_key = None
-        else:
-            self.base_url = os.environ.get("ANTHROPIC_BASE_URL") or ANTHROPIC_BASE_URL
-            fallback_key = os.environ.get("ANTHROPIC_API_KEY")
-        # A missing key is reported when the model is called, so the run fails saying why.
-        self.missing_key: str | None = None
-        if options.get("api_key"):
-            self.api_key = str(options["api_key"])
-        elif options.get("api_key_env"):
-            self.api_key = os.environ.get(str(options["api_key_env"]), "")
-            if not self.api_key:
-                self.missing_key = (
-                    f"The API key variable {options['api_key_env']!r} named by the agent's "
-                    "model_options api_key_env is not set."
-                )
-        else:
-            self.api_key = fallback_key or ""
-            if not self.api_key and self.base_url == ANTHROPIC_BASE_URL:
-                self.missing_key = (
-                    f"No API key for {self.base_url}: set ANTHROPIC_API_KEY, or the agent's "
-                    "model_options api_key or api_key_env."
-                )
+        self.base_url, self.api_key, self.missing_key = endpoint(
+            options,
+            default_base_url=ANTHROPIC_BASE_URL,
+            base_url_variable="ANTHROPIC_BASE_URL",
+            key_variable="ANTHROPIC_API_KEY",
+        )
         self.timeout = option_number(options, "timeout", DEFAULT_TIMEOUT)
         self.max_retries = option_number(options, "max_retries", DEFAULT_MAX_RETRIES, int)
         self.retry_delay = option_number(options, "retry_delay", DEFAULT_RETRY_DELAY)

@@ -41,14 +41,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.utils
 import json
-import os
 import random
-import time
 from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import gevent
 import openai
@@ -65,7 +61,7 @@ from .base import (
     UnknownModel,
     UsageDelta,
 )
-from .sdk import trio_hidden
+from .sdk import display_url, endpoint, option_number, retry_after, trio_hidden
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 OLLAMA_BASE_URL = "http://localhost:11434/v1"
@@ -93,28 +89,6 @@ def _client(base_url: str, api_key: str) -> openai.OpenAI:
     return client
 
 
-def _display_url(url: str) -> str:
-    """Return a URL fit for an error message: no credentials, no query."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def _number(options: Mapping[str, Any], key: str, default: float, kind: type = float) -> Any:
-    value = options.get(key)
-    if value is None:
-        return default
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"model_options.{key} must be a number, not {value!r}") from None
-    if number < 0:
-        raise ValueError(f"model_options.{key} must not be negative")
-    return number
-
-
 class OpenAIProvider:
     """Streams chat completions from an OpenAI-compatible server."""
 
@@ -130,33 +104,16 @@ class OpenAIProvider:
         if not model:
             raise UnknownModel("name the model after the provider, e.g. 'openai:gpt-4o-mini'")
         self.model = model
-        if options.get("base_url"):
-            self.base_url = str(options["base_url"])
-            fallback_key = None
-        else:
-            self.base_url = default_base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL
-            fallback_key = default_api_key or os.environ.get("OPENAI_API_KEY")
-        # A missing key is reported when the model is called, so the run fails saying why.
-        self.missing_key: str | None = None
-        if options.get("api_key"):
-            self.api_key = str(options["api_key"])
-        elif options.get("api_key_env"):
-            self.api_key = os.environ.get(str(options["api_key_env"]), "")
-            if not self.api_key:
-                self.missing_key = (
-                    f"The API key variable {options['api_key_env']!r} named by the agent's "
-                    "model_options api_key_env is not set."
-                )
-        else:
-            self.api_key = fallback_key or ""
-            if not self.api_key and self.base_url == OPENAI_BASE_URL:
-                self.missing_key = (
-                    f"No API key for {self.base_url}: set OPENAI_API_KEY, or the agent's "
-                    "model_options api_key or api_key_env."
-                )
-        self.timeout = _number(options, "timeout", DEFAULT_TIMEOUT)
-        self.max_retries = _number(options, "max_retries", DEFAULT_MAX_RETRIES, int)
-        self.retry_delay = _number(options, "retry_delay", DEFAULT_RETRY_DELAY)
+        self.base_url, self.api_key, self.missing_key = endpoint(
+            options,
+            default_base_url=default_base_url or OPENAI_BASE_URL,
+            base_url_variable=None if default_base_url else "OPENAI_BASE_URL",
+            key_variable="OPENAI_API_KEY",
+            default_api_key=default_api_key,
+        )
+        self.timeout = option_number(options, "timeout", DEFAULT_TIMEOUT)
+        self.max_retries = option_number(options, "max_retries", DEFAULT_MAX_RETRIES, int)
+        self.retry_delay = option_number(options, "retry_delay", DEFAULT_RETRY_DELAY)
         extra_body = options.get("extra_body") or {}
         if not isinstance(extra_body, Mapping):
             raise ValueError("model_options.extra_body must be a mapping")
@@ -166,7 +123,7 @@ class OpenAIProvider:
         self.accepts_images = bool(options.get("vision", True))
 
     def __repr__(self) -> str:
-        return f"OpenAIProvider({self.model!r}, base_url={_display_url(self.base_url)!r})"
+        return f"OpenAIProvider({self.model!r}, base_url={display_url(self.base_url)!r})"
 
     def stream(self, request: ModelRequest) -> Iterator[Delta]:
         """Call the model and yield its deltas, retrying failures that happen before output."""
@@ -226,7 +183,7 @@ class OpenAIProvider:
 
     def _describe(self, error: Exception, *, after_output: bool) -> str:
         """Say what went wrong, without the API key."""
-        where = f"{self.model} at {_display_url(self.base_url)}"
+        where = f"{self.model} at {display_url(self.base_url)}"
         if isinstance(error, openai.APIStatusError):
             detail = f"HTTP {error.status_code}: {_error_message(error)}"
         elif isinstance(error, openai.APITimeoutError):
@@ -263,21 +220,7 @@ def _retry_after(error: Exception) -> float | None:
     """Return the wait a 429/503 response asks for, in seconds, if it says."""
     if not isinstance(error, openai.APIStatusError):
         return None
-    headers = error.response.headers
-    for header, scale in (("retry-after-ms", 1000), ("retry-after", 1)):
-        value = headers.get(header)
-        if value is None:
-            continue
-        try:
-            return max(0.0, float(value) / scale)
-        except ValueError:
-            pass
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            continue
-        return max(0.0, when.timestamp() - time.time())
-    return None
+    return retry_after(error.response.headers)
 
 
 def _error_message(error: openai.APIStatusError) -> str:

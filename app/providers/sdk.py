@@ -5,6 +5,7 @@ their options, and saying where a failed call went.
 from __future__ import annotations
 
 import email.utils
+import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -73,3 +74,45 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
             continue
         return max(0.0, when.timestamp() - time.time())
     return None
+
+
+def endpoint(
+    options: Mapping[str, Any],
+    *,
+    default_base_url: str,
+    key_variable: str,
+    base_url_variable: str | None = None,
+    default_api_key: str | None = None,
+) -> tuple[str, str, str | None]:
+    """Return (base URL, API key, why the key is missing or None) from a provider's options.
+
+    ``api_key`` or ``api_key_env`` (the name of a variable holding it) come first. The
+    vendor's own ``key_variable`` (e.g. OPENAI_API_KEY) is used only when the options name no
+    ``base_url``: a key meant for the vendor is never sent to a server an agent file names.
+    A missing key is reported when the model is called, so the run fails saying why.
+    """
+    if options.get("base_url"):
+        base_url, fallback_key = str(options["base_url"]), None
+    else:
+        base_url = (base_url_variable and os.environ.get(base_url_variable)) or default_base_url
+        fallback_key = default_api_key or os.environ.get(key_variable)
+    if options.get("api_key"):
+        return base_url, str(options["api_key"]), None
+    if options.get("api_key_env"):
+        api_key = os.environ.get(str(options["api_key_env"]), "")
+        missing = (
+            f"The API key variable {options['api_key_env']!r} named by the agent's "
+            "model_options api_key_env is not set."
+        )
+        return base_url, api_key, None if api_key else missing
+    api_key = fallback_key or ""
+    if not api_key and base_url == default_base_url and not default_api_key:
+        return (
+            base_url,
+            "",
+            (
+                f"No API key for {base_url}: set {key_variable}, or the agent's "
+                "model_options api_key or api_key_env."
+            ),
+        )
+    return base_url, api_key, None
