@@ -18,9 +18,11 @@ import pytest  # noqa: E402
 # by the tests inherit this.
 os.environ.setdefault("AGENT_RUNS_DEFAULT_MODEL", "scripted")
 
+import agent_runs  # noqa: E402
 from agent_runs import create_app  # noqa: E402
 from agent_runs.auth import create_token  # noqa: E402
 from agent_runs.db import database  # noqa: E402
+from agent_runs.runtime.agents import unregister_agent  # noqa: E402
 
 from .server import GunicornServer  # noqa: E402
 
@@ -58,6 +60,21 @@ def make_token(org_id="acme", user_id=None):
 @pytest.fixture
 def auth(app):
     return make_token()
+
+
+@pytest.fixture
+def agents():
+    """Register agents from Python for one test: ``agents("name", **definition)``."""
+    names = []
+
+    def register(name, **kwargs):
+        agent_runs.register_agent(name, **kwargs)
+        names.append(name)
+        return name
+
+    yield register
+    for name in names:
+        unregister_agent(name)
 
 
 @pytest.fixture(scope="module")

@@ -10,27 +10,12 @@ import pytest
 import agent_runs
 from agent_runs.db import database
 from agent_runs.models import Run, RunEvent, RunStatus, Session
-from agent_runs.runtime.agents import unregister_agent
 from agent_runs.runtime.executor import sweep_expired_runs
 
 from .conftest import make_token
 from .sse import parse_stream
 
 BASE = "/api/agents"
-
-
-@pytest.fixture
-def agents():
-    names = []
-
-    def register(name, **kwargs):
-        agent_runs.register_agent(name, **kwargs)
-        names.append(name)
-        return name
-
-    yield register
-    for name in names:
-        unregister_agent(name)
 
 
 def start_stream(client, auth, agent, **body):

@@ -8,7 +8,6 @@ import pytest
 import agent_runs
 from agent_runs.providers import ProviderError
 from agent_runs.providers.base import PROVIDERS, ContentDelta
-from agent_runs.runtime.agents import unregister_agent
 from agent_runs.runtime.events import encode_event
 
 from .sse import parse_frames, parse_stream
@@ -23,20 +22,6 @@ class BrokenProvider:
     def stream(self, request):
         yield ContentDelta("Partial ")
         raise ProviderError("The model service answered 503 Service Unavailable.")
-
-
-@pytest.fixture
-def agents():
-    names = []
-
-    def register(name, **kwargs):
-        agent_runs.register_agent(name, **kwargs)
-        names.append(name)
-        return name
-
-    yield register
-    for name in names:
-        unregister_agent(name)
 
 
 def run(client, auth, agent, message="hi"):
