@@ -43,10 +43,10 @@ class AgentRunsState:
     config: Mapping[str, Any]
     registry: AgentRegistry
     executor: Executor
-    # Built on first request by api.openapi, then served as is.
-    openapi_document: dict[str, Any] | None = None
     rate_limiter: RateLimiter
     jwt: JWTSettings | None = None
+    # Built on first request by api.openapi, then served as is.
+    openapi_document: dict[str, Any] | None = None
 
     @property
     def default_model(self) -> str:
@@ -69,7 +69,7 @@ class AgentRuns:
             settings["AGENT_RUNS_DEFAULT_MODEL"]
         )
 
-        open_database(settings["AGENT_RUNS_DATABASE_URL"])
+        open_database(settings["AGENT_RUNS_DATABASE_URL"], settings["AGENT_RUNS_DB_POOL_SIZE"])
         executor = Executor(
             ExecutorSettings(
                 flush_interval=settings["AGENT_RUNS_EVENT_FLUSH_INTERVAL"],

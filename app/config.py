@@ -14,6 +14,8 @@ from typing import Any
 DEFAULTS: dict[str, Any] = {
     # Where runs, events, sessions and tokens live. A SQLite file in WAL mode by default.
     "AGENT_RUNS_DATABASE_URL": "sqlite:///agent_runs.sqlite3",
+    # Database connections each worker keeps open for reuse.
+    "AGENT_RUNS_DB_POOL_SIZE": 32,
     # Apply pending migrations when the application starts.
     "AGENT_RUNS_MIGRATE_ON_START": True,
     # Agent definitions (YAML or JSON). None means the bundled demo agents.

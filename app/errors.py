@@ -49,10 +49,23 @@ def problem(
         "detail": detail,
     }
     if errors:
-        body["errors"] = errors
+        body["errors"] = _string_keys(errors)
     response = Response(json.dumps(body), status=status, mimetype=PROBLEM_MIMETYPE)
     response.headers.update(headers or {})
     return response
+
+
+def _string_keys(errors: Any) -> Any:
+    """Return marshmallow errors with every key a string, as in the JSON that carries them.
+
+    Errors of list items are keyed by index (``{"media": {0: ..., "_schema": ...}}``); mixed
+    with names, int keys would make the sorted JSON encoding fail.
+    """
+    if isinstance(errors, dict):
+        return {str(key): _string_keys(value) for key, value in errors.items()}
+    if isinstance(errors, list):
+        return [_string_keys(value) for value in errors]
+    return errors
 
 
 def validation_problem(errors: dict[str, Any], where: str = "body") -> Response:

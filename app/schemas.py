@@ -18,11 +18,14 @@ from marshmallow import (
     Schema,
     ValidationError,
     fields,
+    missing,
     post_dump,
     post_load,
     validate,
     validates,
 )
+
+from .models import RunStatus
 
 # Identifiers clients may choose (session ids; also org and user ids): a UUID fits, as do the
 # seed's "sess_xyz"-style ids. Nothing that needs escaping in a URL or a log line.
@@ -32,10 +35,37 @@ ID_MESSAGE = (
 )
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
 MIME_PATTERN = r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}$"
+# The largest event id a client may resume after: event ids are 64-bit integers in the log.
+MAX_EVENT_ID = 2**63 - 1
+
+
+class FullMatch(validate.Regexp):
+    """Regexp that must match the whole value, as the pattern means in JSON Schema.
+
+    Python's ``$`` also matches before a final newline, so ``Regexp("^a$")`` accepts "a\n",
+    which the OpenAPI document's pattern (ECMA-262 semantics) refuses.
+    """
+
+    def __call__(self, value: str) -> str:
+        if self.regex.fullmatch(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
+
+
+def text(value: str) -> None:
+    """Refuse text no database can store: unpaired surrogates (JSON "\\ud800"), NUL."""
+    if "\x00" in value:
+        raise ValidationError("Must not contain NUL (\\u0000) characters.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(
+            "Must be valid Unicode text: a surrogate (\\ud800-\\udfff) must be half of a pair."
+        ) from None
 
 
 def _identifier(**kwargs: Any) -> fields.String:
-    return fields.String(validate=validate.Regexp(ID_PATTERN, error=ID_MESSAGE), **kwargs)
+    return fields.String(validate=FullMatch(ID_PATTERN, error=ID_MESSAGE), **kwargs)
 
 
 class UTCDateTime(fields.DateTime):
@@ -45,6 +75,33 @@ class UTCDateTime(fields.DateTime):
         if value is None:
             return None
         return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Derived:
+    """Mixin: the field's value is ``compute(obj)``, not an attribute of the dumped object.
+
+    Unlike ``fields.Function``, the field keeps its type (string, list, nested schema), so the
+    OpenAPI document generated from the schema says what the value is.
+    """
+
+    def __init__(self, *args: Any, compute: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.compute = compute
+
+    def get_value(self, obj: Any, attr: str, accessor: Any = None, default: Any = missing) -> Any:
+        return self.compute(obj)
+
+
+class DerivedString(_Derived, fields.String):
+    pass
+
+
+class DerivedList(_Derived, fields.List):
+    pass
+
+
+class DerivedNested(_Derived, fields.Nested):
+    pass
 
 
 class StrictSchema(Schema):
@@ -58,13 +115,13 @@ class MediaSchema(StrictSchema):
     type = fields.String(
         required=True,
         validate=[
-            validate.Regexp(MIME_PATTERN, error="Must be a MIME type such as image/png."),
+            FullMatch(MIME_PATTERN, error="Must be a MIME type such as image/png."),
             validate.OneOf(
                 IMAGE_TYPES, error="Only images can be sent: " + ", ".join(IMAGE_TYPES) + "."
             ),
         ],
     )
-    data = fields.String(required=True, validate=validate.Length(min=1))
+    data = fields.String(required=True, validate=[validate.Length(min=1), text])
 
     @validates("data")
     def _base64_or_url(self, value: str, **kwargs: Any) -> None:
@@ -79,7 +136,7 @@ class MediaSchema(StrictSchema):
 
 
 class RunOptionsSchema(StrictSchema):
-    model = fields.String(validate=validate.Length(min=1, max=200))
+    model = fields.String(validate=[validate.Length(min=1, max=200), text])
     temperature = fields.Float(validate=validate.Range(min=0, max=2))
     max_tokens = fields.Integer(
         data_key="maxTokens", strict=True, validate=validate.Range(min=1, max=1_000_000)
@@ -93,7 +150,7 @@ class RunOptionsSchema(StrictSchema):
 class RunRequestSchema(StrictSchema):
     """The body of POST .../runs and .../runs/stream."""
 
-    message = fields.String(required=True, validate=validate.Length(min=1))
+    message = fields.String(required=True, validate=[validate.Length(min=1), text])
     session_id = _identifier(data_key="sessionId")
     user_id = _identifier(data_key="userId")
     org_id = _identifier(data_key="orgId")
@@ -113,6 +170,10 @@ class RunRequestSchema(StrictSchema):
         self.max_message_length = max_message_length
         self.max_media = max_media
         self.max_media_bytes = max_media_bytes
+        # The validators below enforce these limits; the OpenAPI document, generated from this
+        # instance's fields, shows them.
+        self.fields["message"].metadata["maxLength"] = max_message_length
+        self.fields["media"].metadata["maxItems"] = max_media
 
     @validates("message")
     def _message_length(self, value: str, **kwargs: Any) -> None:
@@ -143,7 +204,7 @@ class ContinueRequestSchema(StrictSchema):
 class EventsQuerySchema(StrictSchema):
     """The query of GET .../runs/{runId}/events: resume after the event with seq ``after``."""
 
-    after = fields.Integer(validate=validate.Range(min=0))
+    after = fields.Integer(validate=validate.Range(min=0, max=MAX_EVENT_ID))
 
 
 class BatchStatusQuerySchema(StrictSchema):
@@ -154,6 +215,9 @@ class BatchStatusQuerySchema(StrictSchema):
     def __init__(self, *, max_ids: int = 100, **kwargs: Any):
         super().__init__(**kwargs)
         self.max_ids = max_ids
+        self.fields["run_ids"].metadata["description"] = (
+            f"Run ids separated by commas, at most {max_ids}; unknown ids are left out."
+        )
 
     @post_load
     def _split(self, data: dict, **kwargs: Any) -> dict:
@@ -199,10 +263,18 @@ class RunErrorSchema(Schema):
     message = fields.String()
 
 
+class RunMetadataSchema(Schema):
+    model = fields.String()
+
+
 def _run_error(run: Any) -> dict | None:
     if run.error is None and run.error_type is None:
         return None
     return {"type": run.error_type or "error", "message": run.error or ""}
+
+
+def _run_status(**kwargs: Any) -> fields.String:
+    return fields.String(metadata={"enum": list(RunStatus.ALL)}, **kwargs)
 
 
 class AgentRunSchema(Schema):
@@ -210,14 +282,16 @@ class AgentRunSchema(Schema):
 
     id = fields.String()
     agent_id = fields.String(data_key="agentId")
-    session_id = fields.Function(lambda run: run.session.uid, data_key="sessionId")
-    user_id = fields.Function(lambda run: run.user_id or None, data_key="userId")
+    session_id = DerivedString(compute=lambda run: run.session.uid, data_key="sessionId")
+    user_id = DerivedString(
+        compute=lambda run: run.user_id or None, data_key="userId", allow_none=True
+    )
     org_id = fields.String(data_key="orgId")
-    status = fields.String()
+    status = _run_status()
     model = fields.String()
     content = fields.String()
     usage = fields.Nested(UsageSchema, allow_none=True)
-    error = fields.Function(_run_error)
+    error = DerivedNested(RunErrorSchema, compute=_run_error, allow_none=True)
     required_action = fields.Dict(data_key="requiredAction", allow_none=True)
     created_at = UTCDateTime(data_key="createdAt")
     started_at = UTCDateTime(data_key="startedAt", allow_none=True)
@@ -236,25 +310,25 @@ class QueuedRunSchema(Schema):
     """The 202 answer of POST .../runs/background."""
 
     run_id = fields.String(attribute="id", data_key="runId")
-    session_id = fields.Function(lambda run: run.session.uid, data_key="sessionId")
-    status = fields.String()
+    session_id = DerivedString(compute=lambda run: run.session.uid, data_key="sessionId")
+    status = _run_status()
 
 
 class RunResponseSchema(Schema):
     """The answer of the synchronous POST .../runs."""
 
     run_id = fields.String(attribute="id", data_key="runId")
-    session_id = fields.Function(lambda run: run.session.uid, data_key="sessionId")
-    status = fields.String()
+    session_id = DerivedString(compute=lambda run: run.session.uid, data_key="sessionId")
+    status = _run_status()
     content = fields.String()
-    reasoning_steps = fields.Function(
-        lambda run: run.reasoning_steps or [], data_key="reasoningSteps"
+    reasoning_steps = DerivedList(
+        fields.String(), compute=lambda run: run.reasoning_steps or [], data_key="reasoningSteps"
     )
-    tools = fields.Function(lambda run: ToolCallSchema(many=True).dump(run.tool_calls or []))
-    followups = fields.Function(lambda run: run.followups or [])
+    tools = DerivedList(fields.Nested(ToolCallSchema), compute=lambda run: run.tool_calls or [])
+    followups = DerivedList(fields.String(), compute=lambda run: run.followups or [])
     usage = fields.Nested(UsageSchema, allow_none=True)
-    error = fields.Function(_run_error)
-    metadata = fields.Function(lambda run: {"model": run.model})
+    error = DerivedNested(RunErrorSchema, compute=_run_error, allow_none=True)
+    metadata = DerivedNested(RunMetadataSchema, compute=lambda run: {"model": run.model})
     # What a PAUSED run waits for: the tool call to APPROVE or REJECT.
     required_action = fields.Dict(data_key="requiredAction", allow_none=True)
 
@@ -262,7 +336,7 @@ class RunResponseSchema(Schema):
 # Sessions ----------------------------------------------------------------------------------
 
 
-class CursorField(fields.Field):
+class CursorField(fields.String):
     """An opaque page cursor: the sort key of the last item served, base64url-encoded JSON.
 
     It loads to ``(timestamp, key)``, the position the next page starts after; ``key`` is the
@@ -292,6 +366,14 @@ class CursorField(fields.Field):
             raise error from None
         if type(key) is not self.key_type or position.tzinfo is not None:
             raise error
+        # The key goes into a query: an integer the database holds, text it can store.
+        if isinstance(key, int) and not -(2**63) <= key < 2**63:
+            raise error
+        if isinstance(key, str):
+            try:
+                text(key)
+            except ValidationError:
+                raise error from None
         return position, key
 
 
@@ -299,7 +381,7 @@ def _user_filter(**kwargs: Any) -> fields.String:
     # An identifier picks that user's sessions; an empty value picks the sessions not bound to
     # any user (userId null on the wire), which an identifier cannot name.
     return fields.String(
-        validate=validate.Regexp(
+        validate=FullMatch(
             "^$|" + ID_PATTERN, error=ID_MESSAGE + " Or empty for sessions without a user."
         ),
         **kwargs,
@@ -332,7 +414,9 @@ class SessionSchema(Schema):
 
     id = fields.String(attribute="uid")
     agent_id = fields.String(data_key="agentId")
-    user_id = fields.Function(lambda session: session.user_id or None, data_key="userId")
+    user_id = DerivedString(
+        compute=lambda session: session.user_id or None, data_key="userId", allow_none=True
+    )
     org_id = fields.String(data_key="orgId")
     created_at = UTCDateTime(data_key="createdAt")
     updated_at = UTCDateTime(data_key="updatedAt")
@@ -375,3 +459,33 @@ class SessionRunsPageSchema(Schema):
 
     items = fields.List(fields.Nested(AgentRunSchema))
     next_cursor = CursorField(key_type=str, data_key="nextCursor", allow_none=True)
+
+
+# Documents ---------------------------------------------------------------------------------
+
+
+class ProblemSchema(Schema):
+    """An error: RFC 9457 problem details, as application/problem+json (see errors.py)."""
+
+    type = fields.String(required=True)
+    title = fields.String(required=True)
+    status = fields.Integer(required=True)
+    detail = fields.String(required=True)
+    # 422 only: what is wrong with each field, by field name (nested for nested fields).
+    errors = fields.Dict(keys=fields.String())
+
+
+class AgentStreamEventSchema(Schema):
+    """One event of a run's stream: the JSON object on its ``data:`` line."""
+
+    # runtime.events.EventType.ALL
+    event = fields.String(
+        required=True,
+        validate=validate.OneOf(
+            ["START", "REASONING_DELTA", "CONTENT_DELTA", "TOOL_START", "TOOL_END", "STOP", "ERROR"]
+        ),
+    )
+    # Text for the deltas; a JSON document for START, TOOL_START, TOOL_END and STOP (or "").
+    data = fields.String(required=True)
+    # Unix epoch milliseconds.
+    timestamp = fields.Integer(required=True)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Response, current_app, g, request
+from werkzeug.exceptions import BadRequest
 
 from ..errors import ApiError
 from ..runtime.executor import ActiveRun, Executor
@@ -18,6 +19,7 @@ from ..runtime.runs import (
     start_run,
 )
 from ..schemas import (
+    MAX_EVENT_ID,
     AgentRunSchema,
     BatchStatusQuerySchema,
     ContinueRequestSchema,
@@ -39,13 +41,17 @@ def _json_body() -> dict[str, Any]:
     """Return the request's JSON object, or raise the 4xx that says what is wrong with it."""
     if not request.is_json:
         raise ApiError(415, "Send the request body as JSON with Content-Type: application/json.")
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json()
+    except BadRequest:
+        raise ApiError(400, "The request body is not valid JSON.") from None
+    except RecursionError:
+        # json.loads recurses once per nesting level: "[[[[..." exhausts the stack.
+        raise ApiError(400, "The request body is not valid JSON: nested too deeply.") from None
     if request.content_length is None:
         # A chunked body is cut at the size limit rather than refused; reading one byte past
         # the limit raises the 413 it deserves.
         request.stream.read(1)
-    if body is None:
-        raise ApiError(400, "The request body is not valid JSON.")
     if not isinstance(body, dict):
         raise ApiError(
             422,
@@ -94,7 +100,13 @@ def _follow_or_cancel(executor: Executor, run_id: str) -> Iterator[bytes]:
 
 
 def _run_response(agent_id: str, active: ActiveRun) -> Any:
-    active.wait()
+    """Wait for the run to stop, then answer its RunResponse."""
+    # The request gives its database connection back while it waits: a run may take minutes.
+    g.agent_runs_db.__exit__(None, None, None)
+    try:
+        active.wait()
+    finally:
+        g.agent_runs_db.__enter__()
     return RunResponseSchema().dump(get_run(g.principal, agent_id, active.job.run_id))
 
 
@@ -131,7 +143,10 @@ def run_events(agent_id: str, run_id: str) -> Response:
     after = query.get("after")
     if after is None:
         header = request.headers.get("Last-Event-ID", "").strip()
-        if header and not header.isdigit():
+        # ASCII digits only (str.isdigit() accepts "²", which int() refuses), and an id the
+        # event log can hold (int() refuses thousands of digits, too).
+        valid = header.isascii() and header.isdigit() and len(header) <= len(str(MAX_EVENT_ID))
+        if header and not (valid and int(header) <= MAX_EVENT_ID):
             raise ApiError(
                 422,
                 "Last-Event-ID must be the id of an event this stream sent (an integer).",

@@ -128,9 +128,12 @@ class RunChannel:
         """
         index = max(0, after + 1 - self.first_seq)
         while True:
-            while index < len(self.events):
-                yield self.events[index].frame
-                index += 1
+            if index < len(self.events):
+                # Everything that arrived since the last wake-up goes out in one write.
+                ready = self.events[index:]
+                index += len(ready)
+                yield b"".join(event.frame for event in ready)
+                continue
             if self.closed:
                 return
             if not self._changed.wait(ping_interval):
@@ -146,8 +149,6 @@ class EventLog:
     (its end, a pause) calls :meth:`flush` itself, in the same transaction that records that
     state, and publishes once that transaction has committed.
     """
-
-    BATCH_ROWS = 500
 
     def __init__(self, flush_interval: float) -> None:
         self.flush_interval = flush_interval
@@ -172,21 +173,9 @@ class EventLog:
             rows = [(e.run_id, e.seq, e.type, e.data, e.timestamp) for e, _ in batch]
             try:
                 with database.connection_context(), database.atomic():
-                    for start in range(0, len(rows), self.BATCH_ROWS):
-                        (
-                            RunEvent.insert_many(
-                                rows[start : start + self.BATCH_ROWS],
-                                fields=[
-                                    RunEvent.run,
-                                    RunEvent.seq,
-                                    RunEvent.type,
-                                    RunEvent.data,
-                                    RunEvent.timestamp,
-                                ],
-                            )
-                            .on_conflict_ignore()
-                            .execute()
-                        )
+                    # One prepared statement, many rows: building a multi-row INSERT in
+                    # Python would cost more than the database's work.
+                    database.cursor().executemany(_insert_sql(), rows)
             except BaseException:
                 # Keep the events for the next attempt rather than lose them.
                 self._pending[:0] = batch
@@ -206,6 +195,31 @@ class EventLog:
                 if not self._pending:
                     self._writer = None
                     return
+
+
+_insert_statement: tuple[int, str] | None = None
+
+
+def _insert_sql() -> str:
+    """Return the database's INSERT for one event, ignoring one already stored."""
+    global _insert_statement
+    if _insert_statement is None or _insert_statement[0] != id(database.obj):
+        query = (
+            RunEvent.insert_many(
+                [("", 0, "", "", 0)],
+                fields=[
+                    RunEvent.run,
+                    RunEvent.seq,
+                    RunEvent.type,
+                    RunEvent.data,
+                    RunEvent.timestamp,
+                ],
+            )
+            .on_conflict_ignore()
+            .as_rowcount()
+        )
+        _insert_statement = (id(database.obj), query.sql()[0])
+    return _insert_statement[1]
 
 
 def publish(written: list[tuple[Event, RunChannel | None]]) -> None:
