@@ -111,9 +111,14 @@ def _acting_user(principal: Principal, body: dict[str, Any]) -> str:
 
 
 def _claim_session(principal: Principal, user_id: str, agent: Agent, uid: str, run_id: str):
-    """Find or create the session and make ``run_id`` its active run, atomically."""
+    """Find or create the session and make ``run_id`` its active run, in one statement.
+
+    An upsert: a new session is created held by the run; an existing one is taken only if
+    no run holds it and it belongs to this agent. Whichever of two racing requests the
+    database serves first wins; the other finds the session held.
+    """
     now = utcnow()
-    (
+    claimed = list(
         Session.insert(
             uid=uid,
             org_id=principal.org_id,
@@ -121,25 +126,31 @@ def _claim_session(principal: Principal, user_id: str, agent: Agent, uid: str, r
             agent_id=agent.id,
             created_at=now,
             updated_at=now,
+            active_run_id=run_id,
         )
-        .on_conflict_ignore()
+        .on_conflict(
+            conflict_target=[Session.org_id, Session.user_id, Session.uid],
+            update={Session.active_run_id: run_id, Session.updated_at: now},
+            where=(Session.active_run_id.is_null() & (Session.agent_id == agent.id)),
+        )
+        .returning(Session.id)
+        .tuples()
         .execute()
     )
-    session = Session.get(
-        (Session.org_id == principal.org_id) & (Session.user_id == user_id) & (Session.uid == uid)
-    )
-    if session.agent_id != agent.id:
-        raise RunRequestRejected(
-            "sessionId", f"This session belongs to agent {session.agent_id!r}."
+    if claimed:
+        return claimed[0][0]
+    owner = (
+        Session.select(Session.agent_id)
+        .where(
+            (Session.org_id == principal.org_id)
+            & (Session.user_id == user_id)
+            & (Session.uid == uid)
         )
-    claimed = (
-        Session.update(active_run_id=run_id, updated_at=now)
-        .where((Session.id == session.id) & Session.active_run_id.is_null())
-        .execute()
+        .scalar()
     )
-    if not claimed:
-        raise SessionBusy("sessionId", "This session already has a run in progress.")
-    return session
+    if owner != agent.id:
+        raise RunRequestRejected("sessionId", f"This session belongs to agent {owner!r}.")
+    raise SessionBusy("sessionId", "This session already has a run in progress.")
 
 
 def _provider_for(agent: Agent, requested: str | None, default_model: str):
@@ -184,15 +195,15 @@ def start_run(
     uid = body.get("session_id") or str(uuid.uuid4())
     now = utcnow()
     with database.atomic():
-        session = _claim_session(principal, user_id, agent, uid, run_id)
+        session_pk = _claim_session(principal, user_id, agent, uid, run_id)
         if max_active_runs:
             _check_active_runs(principal.org_id, max_active_runs)
-        Run.create(
+        Run.insert(
             id=run_id,
             org_id=principal.org_id,
             user_id=user_id,
             agent_id=agent.id,
-            session=session,
+            session=session_pk,
             status=RunStatus.QUEUED if background else RunStatus.RUNNING,
             model=model,
             input=body["message"],
@@ -204,18 +215,20 @@ def start_run(
             created_at=now,
             started_at=None if background else now,
             lease_expires_at=lease_deadline(executor.settings.lease_seconds),
-        )
-        Message.create(session=session, run=run_id, role="user", content=body["message"])
+        ).execute()
+        Message.insert(
+            session=session_pk, run=run_id, role="user", content=body["message"], created_at=now
+        ).execute()
         # START is written with the run, so its streams get their first event at once.
         start = Event(
             run_id, 1, EventType.START, json_data({"runId": run_id, "sessionId": uid}), now_ms()
         )
-        RunEvent.create(
+        RunEvent.insert(
             run=run_id, seq=1, type=start.type, data=start.data, timestamp=start.timestamp
-        )
+        ).execute()
     job = RunJob(
         run_id=run_id,
-        session_pk=session.id,
+        session_pk=session_pk,
         session_uid=uid,
         agent=agent,
         provider=provider,
