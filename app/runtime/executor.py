@@ -71,6 +71,8 @@ class RunJob:
     # A run resumed after a pause: its next event's seq, the tool calls still to run (the
     # first approved or rejected by ``decision``), and what the run had produced so far.
     first_seq: int = 1
+    # The conversation so far, when the caller already knows it; else it is read back.
+    history: list[dict[str, Any]] | None = None
     pending_calls: list[dict[str, Any]] | None = None
     decision: str | None = None
     prior: dict[str, Any] | None = None
@@ -271,7 +273,16 @@ class Executor:
 
     def _history(self, job: RunJob) -> list[dict[str, Any]]:
         """Return the session's conversation in the providers' neutral message form."""
-        rows = Message.select().where(Message.session == job.session_pk).order_by(Message.id)
+        if job.history is not None:
+            history = [dict(message) for message in job.history]
+        else:
+            history = self._read_history(job.session_pk)
+        if job.media and job.first_seq == 1 and history and history[-1]["role"] == "user":
+            history[-1]["media"] = job.media
+        return history
+
+    def _read_history(self, session_pk: int) -> list[dict[str, Any]]:
+        rows = Message.select().where(Message.session == session_pk).order_by(Message.id)
         history: list[dict[str, Any]] = []
         for row in rows:
             message: dict[str, Any] = {"role": row.role, "content": row.content}
@@ -281,8 +292,6 @@ class Executor:
                 message["tool_call_id"] = row.tool_call_id
                 message["name"] = row.name
             history.append(message)
-        if job.media and job.first_seq == 1 and history and history[-1]["role"] == "user":
-            history[-1]["media"] = job.media
         return history
 
     def _finish(self, active: ActiveRun, loop: AgentLoop, outcome: Outcome) -> None:

@@ -6,6 +6,7 @@ caller's organisation (and user, when the caller's token is bound to one).
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -110,8 +111,19 @@ def _acting_user(principal: Principal, body: dict[str, Any]) -> str:
     return user_id or ""
 
 
-def _claim_session(principal: Principal, user_id: str, agent: Agent, uid: str, run_id: str):
+def _same_instant(stored: Any, now: datetime.datetime) -> bool:
+    """Whether a timestamp read back from the database is ``now`` (SQLite returns text)."""
+    if isinstance(stored, str):
+        return stored == str(now)
+    return stored == now
+
+
+def _claim_session(
+    principal: Principal, user_id: str, agent: Agent, uid: str, run_id: str
+) -> tuple[int, bool]:
     """Find or create the session and make ``run_id`` its active run, in one statement.
+
+    Returns the session's key and whether this run created it.
 
     An upsert: a new session is created held by the run; an existing one is taken only if
     no run holds it and it belongs to this agent. Whichever of two racing requests the
@@ -133,12 +145,13 @@ def _claim_session(principal: Principal, user_id: str, agent: Agent, uid: str, r
             update={Session.active_run_id: run_id, Session.updated_at: now},
             where=(Session.active_run_id.is_null() & (Session.agent_id == agent.id)),
         )
-        .returning(Session.id)
+        .returning(Session.id, Session.created_at)
         .tuples()
         .execute()
     )
     if claimed:
-        return claimed[0][0]
+        session_pk, created_at = claimed[0]
+        return session_pk, _same_instant(created_at, now)
     owner = (
         Session.select(Session.agent_id)
         .where(
@@ -195,7 +208,7 @@ def start_run(
     uid = body.get("session_id") or str(uuid.uuid4())
     now = utcnow()
     with database.atomic():
-        session_pk = _claim_session(principal, user_id, agent, uid, run_id)
+        session_pk, new_session = _claim_session(principal, user_id, agent, uid, run_id)
         if max_active_runs:
             _check_active_runs(principal.org_id, max_active_runs)
         Run.insert(
@@ -237,6 +250,8 @@ def start_run(
         temperature=options.get("temperature"),
         max_tokens=options.get("max_tokens"),
         generate_followups=body.get("generate_followups", False),
+        # A new session's whole conversation is this message: no need to read it back.
+        history=[{"role": "user", "content": body["message"]}] if new_session else None,
     )
     return executor.start(job, start_event=start, background=background)
 
