@@ -10,6 +10,7 @@ import base64
 import binascii
 import datetime
 import json
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,16 +40,21 @@ MIME_PATTERN = r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63
 MAX_EVENT_ID = 2**63 - 1
 
 
-class FullMatch(validate.Regexp):
-    """Regexp that must match the whole value, as the pattern means in JSON Schema.
+class FullMatch(validate.Validator):
+    """A pattern the whole value must match, as patterns mean in JSON Schema.
 
-    Python's ``$`` also matches before a final newline, so ``Regexp("^a$")`` accepts "a\n",
-    which the OpenAPI document's pattern (ECMA-262 semantics) refuses.
+    marshmallow's ``Regexp`` searches with ``re.match``, where ``$`` also matches before a final
+    newline: ``^a$`` accepts "a\n", which the OpenAPI document's pattern (ECMA-262) refuses.
+    The OpenAPI document shows ``regex`` as the field's pattern.
     """
+
+    def __init__(self, regex: str, *, error: str) -> None:
+        self.regex = re.compile(regex)
+        self.message = error
 
     def __call__(self, value: str) -> str:
         if self.regex.fullmatch(value) is None:
-            raise ValidationError(self._format_error(value))
+            raise ValidationError(self.message)
         return value
 
 
@@ -102,6 +108,11 @@ class DerivedList(_Derived, fields.List):
 
 class DerivedNested(_Derived, fields.Nested):
     pass
+
+
+def _document(field: fields.Field, **properties: Any) -> None:
+    """Add JSON Schema properties to what the OpenAPI document says of a schema's field."""
+    field.metadata = {**field.metadata, **properties}
 
 
 class StrictSchema(Schema):
@@ -172,8 +183,8 @@ class RunRequestSchema(StrictSchema):
         self.max_media_bytes = max_media_bytes
         # The validators below enforce these limits; the OpenAPI document, generated from this
         # instance's fields, shows them.
-        self.fields["message"].metadata["maxLength"] = max_message_length
-        self.fields["media"].metadata["maxItems"] = max_media
+        _document(self.fields["message"], maxLength=max_message_length)
+        _document(self.fields["media"], maxItems=max_media)
 
     @validates("message")
     def _message_length(self, value: str, **kwargs: Any) -> None:
@@ -215,8 +226,9 @@ class BatchStatusQuerySchema(StrictSchema):
     def __init__(self, *, max_ids: int = 100, **kwargs: Any):
         super().__init__(**kwargs)
         self.max_ids = max_ids
-        self.fields["run_ids"].metadata["description"] = (
-            f"Run ids separated by commas, at most {max_ids}; unknown ids are left out."
+        _document(
+            self.fields["run_ids"],
+            description=f"Comma-separated run ids, at most {max_ids}; unknown ids are left out.",
         )
 
     @post_load

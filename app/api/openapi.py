@@ -227,7 +227,7 @@ def build_document(app: Flask) -> dict[str, Any]:
     }
     start_errors = (*BODY_ERRORS, 404, 409)
 
-    paths: dict[str, dict[str, dict[str, Any]]] = {
+    paths: dict[str, dict[str, Any]] = {
         "/openapi.json": {
             "get": _operation(
                 operation_id="openapi_document",
