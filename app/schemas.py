@@ -290,20 +290,18 @@ def _run_status(**kwargs: Any) -> fields.String:
 
 
 class AgentRunSchema(Schema):
-    """A run as /status reports it."""
+    """A run as /status reports it; dumps the rows of ``runtime.runs.status_rows``."""
 
     id = fields.String()
     agent_id = fields.String(data_key="agentId")
-    session_id = DerivedString(compute=lambda run: run.session.uid, data_key="sessionId")
-    user_id = DerivedString(
-        compute=lambda run: run.user_id or None, data_key="userId", allow_none=True
-    )
+    session_id = fields.String(data_key="sessionId")
+    user_id = fields.String(data_key="userId", allow_none=True)
     org_id = fields.String(data_key="orgId")
     status = _run_status()
     model = fields.String()
     content = fields.String()
     usage = fields.Nested(UsageSchema, allow_none=True)
-    error = DerivedNested(RunErrorSchema, compute=_run_error, allow_none=True)
+    error = fields.Nested(RunErrorSchema, allow_none=True)
     required_action = fields.Dict(data_key="requiredAction", allow_none=True)
     created_at = UTCDateTime(data_key="createdAt")
     started_at = UTCDateTime(data_key="startedAt", allow_none=True)

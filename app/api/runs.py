@@ -15,7 +15,8 @@ from ..runtime.runs import (
     continue_run,
     get_agent,
     get_run,
-    get_runs,
+    get_status,
+    get_statuses,
     start_run,
 )
 from ..schemas import (
@@ -184,11 +185,11 @@ def batch_status(agent_id: str) -> Any:
     query = BatchStatusQuerySchema(max_ids=state.config["AGENT_RUNS_MAX_BATCH_IDS"]).load(
         request.args.to_dict()
     )
-    runs = get_runs(g.principal, agent_id, query["run_ids"])
+    runs = get_statuses(g.principal, agent_id, query["run_ids"])
     return AgentRunSchema(many=True).dump(runs)
 
 
 @bp.get("/agents/<agent_id>/runs/<run_id>/status")
 def run_status(agent_id: str, run_id: str) -> Any:
     get_agent(_state().registry, agent_id)
-    return AgentRunSchema().dump(get_run(g.principal, agent_id, run_id))
+    return AgentRunSchema().dump(get_status(g.principal, agent_id, run_id))

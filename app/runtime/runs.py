@@ -376,10 +376,52 @@ def get_run(principal: Principal, agent_id: str, run_id: str) -> Run:
     return run
 
 
-def get_runs(principal: Principal, agent_id: str, run_ids: list[str]) -> list[Run]:
+# What /status reports of a run: read as plain rows, not model instances, since batch status
+# answers a hundred of them in a few milliseconds.
+STATUS_COLUMNS = (
+    Run.id,
+    Run.agent_id,
+    Session.uid.alias("session_id"),
+    Run.user_id,
+    Run.org_id,
+    Run.status,
+    Run.model,
+    Run.content,
+    Run.usage,
+    Run.error_type,
+    Run.error,
+    Run.required_action,
+    Run.created_at,
+    Run.started_at,
+    Run.completed_at,
+)
+
+
+def statuses_of(principal: Principal) -> peewee.ModelSelect[Run]:
+    """Select the caller's runs as status rows (see :func:`status_rows`)."""
+    return runs_of(principal).select(*STATUS_COLUMNS)
+
+
+def status_rows(query: peewee.ModelSelect[Run]) -> list[dict[str, Any]]:
+    """Run a :func:`statuses_of` query; return rows shaped as AgentRunSchema dumps them."""
+    rows: list[dict[str, Any]] = list(query.dicts())  # type: ignore[arg-type]
+    for row in rows:
+        row["user_id"] = row["user_id"] or None
+        error_type = row.pop("error_type")
+        if error_type is not None or row["error"] is not None:
+            row["error"] = {"type": error_type or "error", "message": row["error"] or ""}
+    return rows
+
+
+def get_status(principal: Principal, agent_id: str, run_id: str) -> dict[str, Any]:
+    rows = status_rows(statuses_of(principal).where(Run.id == run_id, Run.agent_id == agent_id))
+    if not rows:
+        raise NotFound(f"No run {run_id!r} for agent {agent_id!r}.")
+    return rows[0]
+
+
+def get_statuses(principal: Principal, agent_id: str, run_ids: list[str]) -> list[dict[str, Any]]:
     """Return the caller's runs among ``run_ids``, in the order asked, in one query."""
-    found = {
-        run.id: run
-        for run in runs_of(principal).where(Run.id.in_(run_ids), Run.agent_id == agent_id)
-    }
+    query = statuses_of(principal).where(Run.id.in_(run_ids), Run.agent_id == agent_id)
+    found = {row["id"]: row for row in status_rows(query)}
     return [found[run_id] for run_id in run_ids if run_id in found]

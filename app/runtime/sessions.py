@@ -16,7 +16,14 @@ import peewee
 
 from ..db import database
 from ..models import Message, Run, RunEvent, Session
-from .runs import NotFound, Principal, RunRequestRejected, SessionBusy, runs_of
+from .runs import (
+    NotFound,
+    Principal,
+    RunRequestRejected,
+    SessionBusy,
+    status_rows,
+    statuses_of,
+)
 
 # Where a page starts: the sort key (timestamp, id) of the last item of the previous page.
 Position = tuple[datetime.datetime, Any]
@@ -106,14 +113,14 @@ def list_session_runs(
 ) -> Page:
     """Return a page of the runs of the caller's session ``uid``, oldest first."""
     session = get_session(principal, uid, user_id)
-    query = runs_of(principal).where(Run.session == session.id)
+    query = statuses_of(principal).where(Run.session == session.id)
     if after is not None:
         created_at, run_id = after
         query = query.where(
             (Run.created_at > created_at) | ((Run.created_at == created_at) & (Run.id > run_id))
         )
-    rows = list(query.order_by(Run.created_at, Run.id).limit(limit + 1))
-    return _page(rows, limit, lambda run: (run.created_at, run.id))
+    rows = status_rows(query.order_by(Run.created_at, Run.id).limit(limit + 1))
+    return _page(rows, limit, lambda run: (run["created_at"], run["id"]))
 
 
 def _busy(uid: str, run_id: str | None) -> SessionBusy:
