@@ -74,9 +74,13 @@ def test_synchronous_run_answers_a_run_response(client, auth):
     assert body["metadata"] == {"model": "scripted"}
 
 
-def test_followups_ride_on_the_stop_event(client, auth):
+def test_followups_ride_on_the_stop_event_with_the_usage(client, auth):
     _, events = stream(client, auth, generateFollowups=True)
-    assert len(json.loads(events[-1]["data"])["followups"]) == 3
+    stop = json.loads(events[-1]["data"])
+    assert len(stop["followups"]) == 3
+    run_id = json.loads(events[0]["data"])["runId"]
+    status = client.get(f"/api/agents/finance_agent/runs/{run_id}/status", headers=auth).json
+    assert stop["usage"] == status["usage"] and stop["usage"]["modelCalls"] == 3
 
 
 def test_status_of_a_finished_run(client, auth):

@@ -268,7 +268,11 @@ class Executor:
             logger.exception("run %s failed", job.run_id)
             message = f"The run failed: {type(exc).__name__}."
             return Outcome(RunStatus.FAILED, EventType.ERROR, message, "internal_error")
-        data = json_data({"followups": loop.followups}) if loop.followups else ""
+        # STOP's data is "" as the seed shows; a run that asked for followups gets them there,
+        # with the run's token usage beside them.
+        data = ""
+        if job.generate_followups:
+            data = json_data({"followups": loop.followups, "usage": usage_view(loop.usage)})
         return Outcome(RunStatus.COMPLETED, EventType.STOP, data)
 
     def _history(self, job: RunJob) -> list[dict[str, Any]]:
@@ -441,6 +445,16 @@ class Outcome:
     error_type: str | None = None
     required_action: dict[str, Any] | None = None
     pending_calls: list[dict[str, Any]] | None = None
+
+
+def usage_view(usage: Usage) -> dict[str, int]:
+    """Token usage as the API reports it (camelCase, like RunResponse.usage)."""
+    return {
+        "inputTokens": usage.input_tokens,
+        "outputTokens": usage.output_tokens,
+        "reasoningTokens": usage.reasoning_tokens,
+        "modelCalls": usage.model_calls,
+    }
 
 
 def _restore(loop: AgentLoop, prior: dict[str, Any] | None) -> None:
