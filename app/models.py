@@ -130,6 +130,7 @@ class Run(BaseModel):
             (("status", "lease_expires_at"), False),
             (("session", "created_at"), False),
             (("org_id", "status"), False),
+            (("cancel_requested",), False),
         )
 
 

@@ -82,6 +82,7 @@ def _tables(db):
                 (("status", "lease_expires_at"), False),
                 (("session", "created_at"), False),
                 (("org_id", "status"), False),
+                (("cancel_requested",), False),
             )
 
     class RunEvent(Base):

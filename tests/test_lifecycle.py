@@ -348,3 +348,18 @@ def test_the_sweep_fails_runs_whose_lease_expired(client, auth, app):
         json={"message": "hi", "sessionId": run["sessionId"]},
     )
     assert again.status_code == 200
+
+
+def test_an_event_the_database_refuses_does_not_hold_back_the_others(client, auth, app):
+    from agent_runs.runtime.events import Event, EventLog
+
+    run = client.post(f"{BASE}/assistant/runs", headers=auth, json={"message": "hi"}).json
+    log = EventLog(flush_interval=60)
+    log.append(Event("run_that_does_not_exist", 1, "CONTENT_DELTA", "lost", 1))
+    log.append(Event(run["runId"], 99, "CONTENT_DELTA", "kept", 2))
+    log.flush()  # does not raise, and does not keep the refused event for ever
+    log.flush()
+    with database.connection_context():
+        kept = RunEvent.get_or_none((RunEvent.run == run["runId"]) & (RunEvent.seq == 99))
+        assert kept is not None and kept.data == "kept"
+        assert not RunEvent.select().where(RunEvent.run == "run_that_does_not_exist").exists()

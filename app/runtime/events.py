@@ -14,11 +14,12 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import gevent
 import gevent.event
+import peewee
 
 from ..db import database
 from ..models import RunEvent
@@ -140,53 +141,85 @@ class RunChannel:
                 yield PING_FRAME
 
 
-class EventLog:
-    """Writes run events to the database in batches, then publishes them to their channels.
+@dataclass
+class _Ending:
+    """A run's last database writes, queued to commit with its last events."""
 
-    A writer greenlet flushes whatever accumulated every ``flush_interval`` seconds: one
-    INSERT for many events of many runs, instead of a transaction per token, and one wake-up
-    per stream for all the events of the batch. A run that reaches a state others must see
-    (its end, a pause) calls :meth:`flush` itself, in the same transaction that records that
-    state, and publishes once that transaction has committed.
+    record: Callable[[], None]
+    done: Callable[[], None]
+
+
+class EventLog:
+    """Writes run events, and the ends of runs, to the database in batches.
+
+    A writer greenlet flushes whatever accumulated every ``flush_interval`` seconds, in one
+    transaction: one prepared INSERT for many events of many runs, and the final writes of
+    every run that ended meanwhile (its status, its messages, its session released). Only
+    once that transaction has committed are the events published to their channels, with
+    one wake-up per stream for the whole batch, and the ended runs told they are done. So a
+    client never sees an event the log could lose, and whoever sees a run's STOP or ERROR
+    finds its final status in the database.
     """
 
     def __init__(self, flush_interval: float) -> None:
         self.flush_interval = flush_interval
         self._pending: list[tuple[Event, RunChannel | None]] = []
+        self._endings: list[_Ending] = []
         self._lock = threading.Lock()
         self._writer: gevent.Greenlet | None = None
 
     def append(self, event: Event, channel: RunChannel | None = None) -> None:
         """Queue an event for writing; ``channel`` gets it once it is written."""
         self._pending.append((event, channel))
+        self._ensure_writer()
+
+    def end_run(
+        self,
+        event: Event,
+        channel: RunChannel,
+        record: Callable[[], None],
+        done: Callable[[], None],
+    ) -> None:
+        """Queue a run's last event with its final writes; ``done`` runs after the commit."""
+        self._pending.append((event, channel))
+        self._endings.append(_Ending(record, done))
+        self._ensure_writer()
+
+    def _ensure_writer(self) -> None:
         if self._writer is None or self._writer.dead:
             # Started on first use, so it lives in the worker process, not in a parent that
             # forked it.
             self._writer = gevent.spawn(self._write_forever)
 
-    def flush(self) -> list[tuple[Event, RunChannel | None]]:
-        """Write every pending event now; return them, for :func:`publish` after commit."""
+    def flush(self) -> None:
+        """Write everything pending now, then publish it. Raises if the database fails."""
         with self._lock:
             batch, self._pending = self._pending, []
-            if not batch:
-                return []
+            endings, self._endings = self._endings, []
+            if not batch and not endings:
+                return
             rows = [(e.run_id, e.seq, e.type, e.data, e.timestamp) for e, _ in batch]
             try:
                 with database.connection_context(), database.atomic():
                     # One prepared statement, many rows: building a multi-row INSERT in
                     # Python would cost more than the database's work.
-                    database.cursor().executemany(_insert_sql(), rows)
+                    _insert_events(rows)
+                    for ending in endings:
+                        _record_ending(ending)
             except BaseException:
-                # Keep the events for the next attempt rather than lose them.
+                # Keep everything for the next attempt rather than lose it.
                 self._pending[:0] = batch
+                self._endings[:0] = endings
                 raise
-            return batch
+        publish(batch)
+        for ending in endings:
+            ending.done()
 
     def _write_forever(self) -> None:
         while True:
             gevent.sleep(self.flush_interval)
             try:
-                publish(self.flush())
+                self.flush()
             except Exception:
                 logger.exception("writing run events failed; retrying")
             if not self._pending:
@@ -195,6 +228,40 @@ class EventLog:
                 if not self._pending:
                     self._writer = None
                     return
+
+
+def _insert_events(rows: list[tuple[str, int, str, str, int]]) -> None:
+    """Insert event rows (inside a transaction); rows the database refuses are dropped.
+
+    A refused row (its run deleted meanwhile) must not hold back every later event, so
+    after a refusal the batch goes in row by row, each in its own savepoint.
+    """
+    sql = _insert_sql()
+    try:
+        # The wrapper turns the driver's errors into peewee's, whatever the driver.
+        with database.atomic(), peewee.__exception_wrapper__:
+            database.cursor().executemany(sql, rows)
+        return
+    except peewee.IntegrityError:
+        pass
+    for row in rows:
+        try:
+            with database.atomic():
+                database.execute_sql(sql, row)
+        except peewee.IntegrityError:
+            logger.warning("dropped event %s of run %s: the database refused it", row[1], row[0])
+
+
+def _record_ending(ending: _Ending) -> None:
+    """Make one run's final writes in a savepoint: one that fails cannot undo the others.
+
+    Its run then keeps status RUNNING without a lease being renewed, and the sweep fails it.
+    """
+    try:
+        with database.atomic():
+            ending.record()
+    except Exception:
+        logger.exception("recording the end of a run failed")
 
 
 _insert_statement: tuple[int, str] | None = None

@@ -36,7 +36,6 @@ from .events import (
     RunChannel,
     json_data,
     now_ms,
-    publish,
 )
 from .loop import AgentLoop, RunCancelled, RunPaused, Usage
 
@@ -299,61 +298,45 @@ class Executor:
         return history
 
     def _finish(self, active: ActiveRun, loop: AgentLoop, outcome: Outcome) -> None:
-        """Record the run's outcome and its last event together, then end its stream."""
+        """Queue the run's outcome to be written with its last event; its stream ends then."""
         job = active.job
-        self.log.append(active.channel.make_event(outcome.type, outcome.data), active.channel)
         if outcome.status in (RunStatus.COMPLETED, RunStatus.PAUSED):
             messages = loop.new_messages
         elif outcome.status == RunStatus.CANCELLED:
             messages = _closing_messages(loop.new_messages, loop.answer)
         else:
             messages = []
-        written: list = []
-        try:
-            # A cancel that raced the end of the loop may land here; recording wins.
-            for _attempt in range(3):
-                try:
-                    written = self._record(job, loop, outcome, messages)
-                    break
-                except RunCancelled:
-                    continue
-        except Exception:
-            # The last events stay queued in the log, whose writer retries them; until then
-            # the run's streams wait, and its status says RUNNING.
-            logger.exception("recording the end of run %s failed", job.run_id)
-        finally:
-            publish(written)
-            self.active.pop(job.run_id, None)
-            active.done.set()
-
-    def _record(
-        self, job: RunJob, loop: AgentLoop, outcome: Outcome, messages: list[dict[str, Any]]
-    ) -> list[tuple[Event, RunChannel | None]]:
-        """Write the run's outcome with every pending event; return them for publishing."""
         now = utcnow()
         paused = outcome.status == RunStatus.PAUSED
-        with database.connection_context(), database.atomic():
-            written = self.log.flush()
-            changes: dict[str, Any] = dict(
-                status=outcome.status,
-                content=loop.answer,
-                reasoning_steps=loop.reasoning_steps,
-                tool_calls=loop.tool_calls,
-                followups=loop.followups,
-                usage=loop.usage.as_dict(),
-                error_type=outcome.error_type,
-                error=outcome.data if outcome.type == EventType.ERROR else None,
-                required_action=outcome.required_action,
-                pending_calls=outcome.pending_calls,
-                lease_expires_at=None,
-            )
-            if not paused:
-                changes["completed_at"] = now
+        changes: dict[str, Any] = dict(
+            status=outcome.status,
+            content=loop.answer,
+            reasoning_steps=loop.reasoning_steps,
+            tool_calls=loop.tool_calls,
+            followups=loop.followups,
+            usage=loop.usage.as_dict(),
+            error_type=outcome.error_type,
+            error=outcome.data if outcome.type == EventType.ERROR else None,
+            cancel_requested=False,
+            required_action=outcome.required_action,
+            pending_calls=outcome.pending_calls,
+            lease_expires_at=None,
+        )
+        if not paused:
+            changes["completed_at"] = now
+
+        def record() -> None:
             Run.update(**changes).where(Run.id == job.run_id).execute()
             save_messages(job.session_pk, job.run_id, messages, now)
             if not paused:
                 release_session(job.session_pk, job.run_id, now)
-        return written
+
+        def done() -> None:
+            self.active.pop(job.run_id, None)
+            active.done.set()
+
+        event = active.channel.make_event(outcome.type, outcome.data)
+        self.log.end_run(event, active.channel, record, done)
 
     # Leases, remote cancels, the sweep --------------------------------------------------
 
@@ -394,11 +377,16 @@ class Executor:
                 logger.exception("keeping runs alive failed; retrying")
 
     def _pick_up_cancels(self) -> None:
-        ids = [run_id for run_id, active in self.active.items() if not active.cancelled]
-        if not ids:
+        """Cancel the runs of this worker that a request to another worker asked to stop.
+
+        The flag is cleared when a run ends, so the indexed query reads only the few runs
+        being cancelled right now, however many are running.
+        """
+        if not self.active:
             return
-        for chunk in _chunks(ids):
-            for run in Run.select(Run.id).where(Run.id.in_(chunk) & Run.cancel_requested):
+        for run in Run.select(Run.id).where(Run.cancel_requested == True):  # noqa: E712
+            active = self.active.get(run.id)
+            if active is not None and not active.cancelled:
                 self.cancel(run.id)
 
     def _renew_leases(self) -> None:
@@ -427,7 +415,7 @@ class Executor:
                         AgentLoop(active.job.agent, active.job.provider, "", lambda t, d: None),
                         Outcome(RunStatus.FAILED, EventType.ERROR, SHUTDOWN_MESSAGE, "worker_lost"),
                     )
-            publish(self.log.flush())
+            self.log.flush()
         finally:
             for greenlet in self._services:
                 greenlet.kill(block=False)
@@ -570,6 +558,7 @@ def sweep_expired_runs() -> list[str]:
                     status=RunStatus.FAILED,
                     error_type="worker_lost",
                     error=LOST_MESSAGE,
+                    cancel_requested=False,
                     completed_at=now,
                     lease_expires_at=None,
                 )
