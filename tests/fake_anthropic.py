@@ -15,27 +15,13 @@ reply; a reply may also be a function of the request body.
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from .fake_http import FakeServer, ScriptedHandler, Stream
+
 MODEL = "claude-test"
-
-
-@dataclass
-class Stream:
-    """A 200 text/event-stream reply made of these events.
-
-    ``cut_after`` drops the connection after that many events, mid-body; ``delay`` paces them.
-    """
-
-    events: list[dict[str, Any]]
-    cut_after: int | None = None
-    delay: float = 0.0
 
 
 @dataclass
@@ -173,142 +159,34 @@ def answer(text: str, *, pieces: int = 1, input_tokens: int = 10, **kwargs: Any)
 # The server --------------------------------------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
+class _Handler(ScriptedHandler):
+    route = "/v1/messages"
 
-    def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
-        pass
+    def not_found(self) -> None:
+        self._error(Error(404, f"no route {self.path}", "not_found_error"))
 
-    def do_POST(self) -> None:
-        fake = self.server.fake
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.path != "/v1/messages":
-            self._error(Error(404, f"no route {self.path}", "not_found_error"))
-            return
-        request = json.loads(body)
-        headers = {name.lower(): value for name, value in self.headers.items()}
-        reply = fake._record(request, headers)
-        if callable(reply):
-            reply = reply(request)
+    def send_reply(self, request: dict[str, Any], reply: Stream | Error) -> None:
         if not request.get("stream"):
             reply = Error(400, "this fake server only streams", "invalid_request_error")
         if isinstance(reply, Error):
             self._error(reply)
         else:
-            self._stream(reply)
+            self.send_events(reply, _event)
 
     def _error(self, error: Error) -> None:
-        body = json.dumps(
-            {"type": "error", "error": {"type": error.type, "message": error.message}}
-        ).encode()
-        self.send_response(error.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in error.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _write_chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-    def _stream(self, reply: Stream) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        outcome = "done"
-        try:
-            for number, event in enumerate(reply.events):
-                if reply.cut_after is not None and number == reply.cut_after:
-                    outcome = "cut"
-                    break
-                if reply.delay:
-                    time.sleep(reply.delay)
-                data = json.dumps(event).encode()
-                self._write_chunk(b"event: %s\ndata: %s\n\n" % (event["type"].encode(), data))
-            else:
-                self.wfile.write(b"0\r\n\r\n")
-                self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            outcome = "client closed"
-        if outcome != "done":
-            # End the connection without the last chunk of the body: an interrupted stream.
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self.server.fake._finished(outcome)
+        body = {"type": "error", "error": {"type": error.type, "message": error.message}}
+        self.send_json(error.status, body, error.headers)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeAnthropic
+def _event(event: dict[str, Any]) -> bytes:
+    """One Server-Sent Event: its type on the ``event:`` line, the JSON on ``data:``."""
+    return b"event: %s\ndata: %s\n\n" % (event["type"].encode(), json.dumps(event).encode())
 
 
-class FakeAnthropic:
-    """An Anthropic Messages API server on 127.0.0.1, on a port the kernel picks.
+class FakeAnthropic(FakeServer):
+    """An Anthropic Messages API server on a loopback port; see :class:`.fake_http.FakeServer`."""
 
-    ``requests`` holds the JSON bodies received, ``headers`` their headers (lower-case names),
-    ``outcomes`` how each stream ended: ``"done"``, ``"cut"`` (scripted) or ``"client closed"``.
-    """
+    handler = _Handler
 
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        self.outcomes: list[str] = []
-        self._replies: list[Reply] = []
-        self._lock = threading.Lock()
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.fake = self
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def script(self, *replies: Reply) -> None:
-        """Queue replies, served one per request in order."""
-        with self._lock:
-            self._replies.extend(replies)
-
-    def wait_for_outcomes(self, count: int, timeout: float = 5.0) -> list[str]:
-        """Wait until ``count`` streams have ended; return how they ended."""
-        deadline = time.monotonic() + timeout
-        while len(self.outcomes) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return list(self.outcomes)
-
-    def _record(self, request: dict[str, Any], headers: dict[str, str]) -> Reply:
-        with self._lock:
-            self.requests.append(request)
-            self.headers.append(headers)
-            if not self._replies:
-                return Error(500, "the fake server has no reply scripted for this request")
-            return self._replies.pop(0)
-
-    def _finished(self, outcome: str) -> None:
-        with self._lock:
-            self.outcomes.append(outcome)
-
-    def start(self) -> FakeAnthropic:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def __enter__(self) -> FakeAnthropic:
-        return self.start()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
+    def unscripted(self) -> Error:
+        return Error(500, "the fake server has no reply scripted for this request")

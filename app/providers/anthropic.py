@@ -51,7 +51,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import anthropic
-import gevent
 
 from .base import (
     ContentDelta,
@@ -65,7 +64,14 @@ from .base import (
     UnknownModel,
     UsageDelta,
 )
-from .sdk import display_url, endpoint, option_number, retry_after, trio_hidden
+from .sdk import (
+    display_url,
+    endpoint,
+    option_number,
+    retry_after,
+    stream_with_retries,
+    trio_hidden,
+)
 
 ANTHROPIC_BASE_URL = "https://api.anthropic.com"
 # Sent as the key to servers that need none: the SDK insists on having one.
@@ -171,28 +177,17 @@ class AnthropicProvider:
             raise ProviderError(self.missing_key)
         client = _client(self.base_url, self.api_key or NO_KEY)
         params = self._params(request)
-        attempt = 0
-        while True:
-            yielded = False
-            try:
-                response = client.messages.create(**params)
-                try:
-                    for delta in _read_stream(response):
-                        yielded = True
-                        yield delta
-                finally:
-                    # Also when the consumer stops early (a cancelled run): drop the
-                    # connection now rather than let the server generate for nobody.
-                    response.close()
-                return
-            except (anthropic.APIError, _StreamTruncated, NetworkError) as error:
-                if yielded or attempt >= self.max_retries or not _retryable(error):
-                    raise ProviderError(self._describe(error, after_output=yielded)) from None
-                gevent.sleep(self._backoff(attempt, error))
-                attempt += 1
-            except (anthropic.AnthropicError, ValueError) as error:
-                # ValueError: an event that is not JSON, i.e. not the Messages API.
-                raise ProviderError(self._describe(error, after_output=yielded)) from None
+        yield from stream_with_retries(
+            lambda: client.messages.create(**params),
+            _read_stream,
+            retry_on=(anthropic.APIError, _StreamTruncated, NetworkError),
+            # ValueError: an event that is not JSON, i.e. not the Messages API.
+            fail_on=(anthropic.AnthropicError, ValueError),
+            retryable=_retryable,
+            backoff=self._backoff,
+            describe=self._describe,
+            max_retries=self.max_retries,
+        )
 
     def _params(self, request: ModelRequest) -> dict[str, Any]:
         budget = self.thinking_budget

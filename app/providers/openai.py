@@ -46,7 +46,6 @@ import random
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import gevent
 import openai
 
 from .base import (
@@ -61,7 +60,14 @@ from .base import (
     UnknownModel,
     UsageDelta,
 )
-from .sdk import display_url, endpoint, option_number, retry_after, trio_hidden
+from .sdk import (
+    display_url,
+    endpoint,
+    option_number,
+    retry_after,
+    stream_with_retries,
+    trio_hidden,
+)
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 OLLAMA_BASE_URL = "http://localhost:11434/v1"
@@ -131,28 +137,17 @@ class OpenAIProvider:
             raise ProviderError(self.missing_key)
         client = _client(self.base_url, self.api_key or NO_KEY)
         params = self._params(request)
-        attempt = 0
-        while True:
-            yielded = False
-            try:
-                response = client.chat.completions.create(**params)
-                try:
-                    for delta in _read_stream(response):
-                        yielded = True
-                        yield delta
-                finally:
-                    # Also when the consumer stops early (a cancelled run): drop the
-                    # connection now rather than let the server generate for nobody.
-                    response.close()
-                return
-            except (openai.APIError, _StreamTruncated) as error:
-                if yielded or attempt >= self.max_retries or not _retryable(error):
-                    raise ProviderError(self._describe(error, after_output=yielded)) from None
-                gevent.sleep(self._backoff(attempt, error))
-                attempt += 1
-            except (openai.OpenAIError, ValueError) as error:
-                # ValueError: a chunk that is not JSON, i.e. not an OpenAI-compatible server.
-                raise ProviderError(self._describe(error, after_output=yielded)) from None
+        yield from stream_with_retries(
+            lambda: client.chat.completions.create(**params),
+            _read_stream,
+            retry_on=(openai.APIError, _StreamTruncated),
+            # ValueError: a chunk that is not JSON, i.e. not an OpenAI-compatible server.
+            fail_on=(openai.OpenAIError, ValueError),
+            retryable=_retryable,
+            backoff=self._backoff,
+            describe=self._describe,
+            max_retries=self.max_retries,
+        )
 
     def _params(self, request: ModelRequest) -> dict[str, Any]:
         params: dict[str, Any] = {

@@ -1,5 +1,5 @@
 """What the providers built on vendors' HTTP SDKs share: importing them under gevent, reading
-their options, and saying where a failed call went.
+their options, saying where a failed call went, and retrying a call until output starts.
 """
 
 from __future__ import annotations
@@ -8,12 +8,15 @@ import email.utils
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+import gevent
 import gevent.monkey
+
+from .base import Delta, ProviderError
 
 
 @contextmanager
@@ -116,3 +119,50 @@ def endpoint(
             ),
         )
     return base_url, api_key, None
+
+
+class Describe(Protocol):
+    """Say what went wrong with a model call, and whether output had started."""
+
+    def __call__(self, error: Exception, *, after_output: bool) -> str: ...
+
+
+def stream_with_retries(
+    open_stream: Callable[[], Any],
+    read_stream: Callable[[Any], Iterator[Delta]],
+    *,
+    retry_on: tuple[type[Exception], ...],
+    fail_on: tuple[type[Exception], ...],
+    retryable: Callable[[Exception], bool],
+    backoff: Callable[[int, Exception], float],
+    describe: Describe,
+    max_retries: int,
+) -> Iterator[Delta]:
+    """Open a response stream and yield its deltas, retrying failures that happen before output.
+
+    ``retry_on`` errors that ``retryable`` accepts get up to ``max_retries`` further attempts,
+    ``backoff(attempt, error)`` seconds apart, but only while nothing has been yielded: a retry
+    after output would repeat what was said. Those and ``fail_on`` errors otherwise become a
+    :class:`ProviderError` with ``describe``'s message.
+    """
+    attempt = 0
+    while True:
+        yielded = False
+        try:
+            response = open_stream()
+            try:
+                for delta in read_stream(response):
+                    yielded = True
+                    yield delta
+            finally:
+                # Also when the consumer stops early (a cancelled run): drop the
+                # connection now rather than let the server generate for nobody.
+                response.close()
+            return
+        except retry_on as error:
+            if yielded or attempt >= max_retries or not retryable(error):
+                raise ProviderError(describe(error, after_output=yielded)) from None
+            gevent.sleep(backoff(attempt, error))
+            attempt += 1
+        except fail_on as error:
+            raise ProviderError(describe(error, after_output=yielded)) from None

@@ -239,7 +239,7 @@ def _insert_events(rows: list[tuple[str, int, str, str, int]]) -> None:
     sql = _insert_sql()
     try:
         # The wrapper turns the driver's errors into peewee's, whatever the driver.
-        with database.atomic(), peewee.__exception_wrapper__:
+        with database.atomic(), peewee.__exception_wrapper__:  # type: ignore[attr-defined]
             database.cursor().executemany(sql, rows)
         return
     except peewee.IntegrityError:
