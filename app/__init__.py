@@ -10,6 +10,7 @@ Flask application with the :class:`AgentRuns` extension::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from .db import database, migrate, open_database
 from .limits import RateLimiter
 from .runtime.agents import Agent, AgentRegistry, Tool, register_agent, register_tool, tool
 from .runtime.executor import Executor, ExecutorSettings, sweep_expired_runs
+from .schemas import BatchStatusQuerySchema, RunRequestSchema
 
 __version__ = "0.1.0"
 
@@ -51,6 +53,20 @@ class AgentRunsState:
     @property
     def default_model(self) -> str:
         return self.config["AGENT_RUNS_DEFAULT_MODEL"]
+
+    # The schemas that take this application's limits, built once: building a marshmallow
+    # schema costs more than loading a request with it.
+    @functools.cached_property
+    def run_request_schema(self) -> RunRequestSchema:
+        return RunRequestSchema(
+            max_message_length=self.config["AGENT_RUNS_MAX_MESSAGE_LENGTH"],
+            max_media=self.config["AGENT_RUNS_MAX_MEDIA"],
+            max_media_bytes=self.config["AGENT_RUNS_MAX_MEDIA_BYTES"],
+        )
+
+    @functools.cached_property
+    def batch_status_query_schema(self) -> BatchStatusQuerySchema:
+        return BatchStatusQuerySchema(max_ids=self.config["AGENT_RUNS_MAX_BATCH_IDS"])
 
 
 class AgentRuns:

@@ -22,6 +22,7 @@ from typing import Any
 
 import jwt
 
+from .db import Statement
 from .errors import ApiError
 from .models import ApiToken, utcnow
 from .runtime.runs import Principal
@@ -111,23 +112,38 @@ def authenticate(authorization: str | None, jwt_settings: JWTSettings | None = N
     return _from_api_token(secret)
 
 
+# Every request looks its token up: the statement is built once (see Statement).
+_TOKEN_BY_HASH = Statement(
+    lambda digest: ApiToken.select(
+        ApiToken.id,
+        ApiToken.token_hash,
+        ApiToken.org_id,
+        ApiToken.user_id,
+        ApiToken.scopes,
+        ApiToken.expires_at,
+        ApiToken.revoked_at,
+    ).where(ApiToken.token_hash == digest)
+)
+
+
 def _from_api_token(secret: str) -> Principal:
     digest = hash_token(secret)
-    token = ApiToken.get_or_none(ApiToken.token_hash == digest)
+    found = _TOKEN_BY_HASH.rows(digest=digest)
+    token = found[0] if found else None
     if (
         token is None
         # The lookup found it by digest; compare again in constant time all the same.
-        or not hmac.compare_digest(token.token_hash, digest)
-        or token.revoked_at is not None
-        or (token.expires_at is not None and token.expires_at <= utcnow())
+        or not hmac.compare_digest(token["token_hash"], digest)
+        or token["revoked_at"] is not None
+        or (token["expires_at"] is not None and token["expires_at"] <= utcnow())
     ):
         raise unauthorized("The bearer token is not valid.")
     return Principal(
-        org_id=token.org_id,
-        user_id=token.user_id,
-        scopes=frozenset(token.scopes.split()),
-        token_id=token.id,
-        subject=f"token:{token.id}",
+        org_id=token["org_id"],
+        user_id=token["user_id"],
+        scopes=frozenset(token["scopes"].split()),
+        token_id=token["id"],
+        subject=f"token:{token['id']}",
     )
 
 

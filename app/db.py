@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import peewee
 from playhouse.db_url import connect as connect_url
@@ -75,3 +78,116 @@ def migrate() -> list[str]:
             if attempt == 2:
                 raise
     return []
+
+
+class _Slot:
+    """Stands for a named value in a query built once by :class:`Statement`."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class Statement:
+    """A query whose SQL peewee generates once per database, then runs with new values.
+
+    peewee builds a query's SQL from a tree of Python objects each time it runs. On the paths
+    every run and request takes (authenticate, start a run, end it) building costs more than
+    the database's work, so those queries are built once: ``build`` receives one placeholder
+    per parameter it names and returns the query; :meth:`execute` runs its SQL with the
+    values given by name. Values go to the driver as they are, except those ``convert``
+    names, which go through the given function first (a JSON field's ``db_value``, say);
+    constants written in the query stay as they are.
+    """
+
+    def __init__(
+        self,
+        build: Callable[..., peewee.Query],
+        convert: dict[str, Callable[[Any], Any]] | None = None,
+        names: Iterable[str] | None = None,
+    ) -> None:
+        self._build = build
+        self._names = tuple(names if names is not None else inspect.signature(build).parameters)
+        self._convert = convert or {}
+        self._compiled: _Compiled | None = None
+
+    def _compile(self) -> _Compiled:
+        db = database.obj
+        if self._compiled is None or self._compiled.database is not db:
+            slots = {
+                name: peewee.Value(_Slot(name), converter=False, unpack=False)
+                for name in self._names
+            }
+            query = self._build(**slots)
+            sql, params = query.sql()
+            # What each selected (or returned) column is called and how to read it back.
+            columns = [
+                (column.name, column.python_value)
+                if isinstance(column, peewee.Field)
+                else (_alias(column) or str(index), None)
+                for index, column in enumerate(getattr(query, "_returning", None) or ())
+            ]
+            self._compiled = _Compiled(db, sql, tuple(params), tuple(columns))
+        return self._compiled
+
+    def params(self, values: dict[str, Any]) -> list[Any]:
+        """The statement's parameters, in the order its SQL takes them."""
+        if self._convert:
+            values = {
+                name: self._convert[name](value) if name in self._convert else value
+                for name, value in values.items()
+            }
+        return [values[p.name] if isinstance(p, _Slot) else p for p in self._compile().params]
+
+    def execute(self, **values: Any) -> Any:
+        """Run the statement; return the database cursor."""
+        return database.execute_sql(self._compile().sql, self.params(values))
+
+    def rows(self, **values: Any) -> list[dict[str, Any]]:
+        """Run the statement; return its rows as dicts of the fields' Python values."""
+        columns = self._compile().columns
+        return [
+            {
+                name: convert(value) if convert is not None and value is not None else value
+                for (name, convert), value in zip(columns, row, strict=True)
+            }
+            for row in self.execute(**values).fetchall()
+        ]
+
+    def execute_many(self, rows: list[dict[str, Any]]) -> None:
+        """Run the statement once for each row of values, as one prepared statement."""
+        sql = self._compile().sql
+        # The wrapper turns the driver's errors into peewee's, whatever the driver.
+        with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
+            database.cursor().executemany(sql, [self.params(row) for row in rows])
+
+
+def _alias(column: Any) -> str | None:
+    """The name a selected expression was given with ``.alias()``, if any."""
+    return column._alias if isinstance(column, peewee.Alias) else None  # type: ignore[attr-defined]
+
+
+class _Compiled(NamedTuple):
+    database: peewee.Database
+    sql: str
+    params: tuple[Any, ...]
+    columns: tuple[tuple[str, Callable[[Any], Any] | None], ...]
+
+
+def insert_statement(
+    model: type[peewee.Model], fields: Iterable[peewee.Field], *, ignore_conflicts: bool = False
+) -> Statement:
+    """A :class:`Statement` inserting one row of ``model``: values by field name, converted
+    by each field as peewee converts them."""
+    fields = list(fields)
+
+    def build(**slots: Any) -> peewee.Query:
+        query = model.insert({field: slots[field.name] for field in fields})
+        return query.on_conflict_ignore() if ignore_conflicts else query
+
+    return Statement(
+        build,
+        convert={field.name: field.db_value for field in fields},
+        names=[field.name for field in fields],
+    )

@@ -102,7 +102,8 @@ class Run(BaseModel):
     org_id = peewee.CharField(max_length=128)
     user_id = peewee.CharField(max_length=128, default="")
     agent_id = peewee.CharField(max_length=128)
-    session = peewee.ForeignKeyField(Session, backref="runs", on_delete="CASCADE")
+    # Indexed by (session, created_at) below, which serves lookups by session alone too.
+    session = peewee.ForeignKeyField(Session, backref="runs", on_delete="CASCADE", index=False)
     status = peewee.CharField(max_length=16, default=RunStatus.RUNNING)
     model = peewee.CharField(max_length=200, default="")
     input = peewee.TextField(default="")
@@ -137,7 +138,8 @@ class Run(BaseModel):
 class RunEvent(BaseModel):
     """One entry of a run's event log: what its stream carried, in order."""
 
-    run = peewee.ForeignKeyField(Run, backref="events", on_delete="CASCADE")
+    # No index of its own: the primary key (run, seq) serves every lookup by run.
+    run = peewee.ForeignKeyField(Run, backref="events", on_delete="CASCADE", index=False)
     seq = peewee.IntegerField()
     type = peewee.CharField(max_length=32)
     data = peewee.TextField(default="")

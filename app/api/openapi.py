@@ -21,7 +21,6 @@ from ..schemas import (
     AgentRunSchema,
     AgentSchema,
     AgentStreamEventSchema,
-    BatchStatusQuerySchema,
     ContinueRequestSchema,
     EventsQuerySchema,
     ProblemSchema,
@@ -176,7 +175,6 @@ def _path_parameter(name: str, description: str, **schema: Any) -> dict[str, Any
 def build_document(app: Flask) -> dict[str, Any]:
     """Return the OpenAPI document of the API as ``app`` serves it."""
     state = app.extensions["agent_runs"]
-    config = state.config
     rule = next(r for r in app.url_map.iter_rules() if r.endpoint == "agent_runs.openapi_document")
     prefix = rule.rule.removesuffix("/openapi.json")
 
@@ -196,11 +194,7 @@ def build_document(app: Flask) -> dict[str, Any]:
     # Schemas that take the application's limits are documented with them.
     spec.components.schema(
         "RunRequest",
-        schema=RunRequestSchema(
-            max_message_length=config["AGENT_RUNS_MAX_MESSAGE_LENGTH"],
-            max_media=config["AGENT_RUNS_MAX_MEDIA"],
-            max_media_bytes=config["AGENT_RUNS_MAX_MEDIA_BYTES"],
-        ),
+        schema=state.run_request_schema,
     )
     spec.components.schema("ContinueRequest", schema=ContinueRequestSchema)
     spec.components.schema("Problem", schema=ProblemSchema)
@@ -217,7 +211,7 @@ def build_document(app: Flask) -> dict[str, Any]:
     session_id = _path_parameter(
         "sessionId", "A session's id (the runs' sessionId).", pattern=ID_PATTERN
     )
-    batch_query = BatchStatusQuerySchema(max_ids=config["AGENT_RUNS_MAX_BATCH_IDS"])
+    batch_query = state.batch_status_query_schema
     last_event_id = {
         "in": "header",
         "name": "Last-Event-ID",

@@ -22,11 +22,9 @@ from ..runtime.runs import (
 from ..schemas import (
     MAX_EVENT_ID,
     AgentRunSchema,
-    BatchStatusQuerySchema,
     ContinueRequestSchema,
     EventsQuerySchema,
     QueuedRunSchema,
-    RunRequestSchema,
     RunResponseSchema,
 )
 from . import bp
@@ -65,11 +63,7 @@ def _json_body() -> dict[str, Any]:
 def _start(agent_id: str, *, background: bool = False) -> tuple[ActiveRun, dict[str, Any]]:
     state = _state()
     agent = get_agent(state.registry, agent_id)
-    body = RunRequestSchema(
-        max_message_length=state.config["AGENT_RUNS_MAX_MESSAGE_LENGTH"],
-        max_media=state.config["AGENT_RUNS_MAX_MEDIA"],
-        max_media_bytes=state.config["AGENT_RUNS_MAX_MEDIA_BYTES"],
-    ).load(_json_body())
+    body = state.run_request_schema.load(_json_body())
     active = start_run(
         state.executor,
         agent,
@@ -182,9 +176,7 @@ def continue_paused(agent_id: str, run_id: str) -> Any:
 def batch_status(agent_id: str) -> Any:
     state = _state()
     get_agent(state.registry, agent_id)
-    query = BatchStatusQuerySchema(max_ids=state.config["AGENT_RUNS_MAX_BATCH_IDS"]).load(
-        request.args.to_dict()
-    )
+    query = state.batch_status_query_schema.load(request.args.to_dict())
     runs = get_statuses(g.principal, agent_id, query["run_ids"])
     return AgentRunSchema(many=True).dump(runs)
 

@@ -289,6 +289,13 @@ def _insert_sql() -> str:
     return _insert_statement[1]
 
 
+def write_event(event: Event) -> None:
+    """Insert one event now, in the caller's transaction (a run's START, written with it)."""
+    database.execute_sql(
+        _insert_sql(), (event.run_id, event.seq, event.type, event.data, event.timestamp)
+    )
+
+
 def publish(written: list[tuple[Event, RunChannel | None]]) -> None:
     """Hand written events to their channels, waking each channel's streams once."""
     by_channel: dict[RunChannel, list[Event]] = {}

@@ -24,7 +24,7 @@ import gevent.event
 import gevent.pool
 import gevent.queue
 
-from ..db import database
+from ..db import Statement, database, insert_statement
 from ..models import Message, Run, RunEvent, RunStatus, Session, utcnow
 from ..providers.base import Provider, ProviderError
 from .agents import Agent
@@ -321,12 +321,12 @@ class Executor:
             required_action=outcome.required_action,
             pending_calls=outcome.pending_calls,
             lease_expires_at=None,
+            # A paused run has not completed (nor ever had: continuing clears no such time).
+            completed_at=None if paused else now,
         )
-        if not paused:
-            changes["completed_at"] = now
 
         def record() -> None:
-            Run.update(**changes).where(Run.id == job.run_id).execute()
+            _RECORD_OUTCOME.execute(run_id=job.run_id, **changes)
             save_messages(job.session_pk, job.run_id, messages, now)
             if not paused:
                 release_session(job.session_pk, job.run_id, now)
@@ -493,34 +493,72 @@ def lease_deadline(seconds: float) -> datetime.datetime:
     return utcnow() + datetime.timedelta(seconds=seconds)
 
 
+# The statements every run's end makes, built once (see Statement).
+_INSERT_MESSAGE = insert_statement(
+    Message,
+    [
+        Message.session,
+        Message.run,
+        Message.role,
+        Message.content,
+        Message.tool_calls,
+        Message.tool_call_id,
+        Message.name,
+        Message.created_at,
+    ],
+)
+_RELEASE_SESSION = Statement(
+    lambda session_id, run_id, now: Session.update(
+        {Session.active_run_id: None, Session.updated_at: now}
+    ).where((Session.id == session_id) & (Session.active_run_id == run_id))
+)
+_OUTCOME_FIELDS = (
+    Run.status,
+    Run.content,
+    Run.reasoning_steps,
+    Run.tool_calls,
+    Run.followups,
+    Run.usage,
+    Run.error_type,
+    Run.error,
+    Run.cancel_requested,
+    Run.required_action,
+    Run.pending_calls,
+    Run.lease_expires_at,
+    Run.completed_at,
+)
+_RECORD_OUTCOME = Statement(
+    lambda **slots: Run.update({f: slots[f.name] for f in _OUTCOME_FIELDS}).where(
+        Run.id == slots["run_id"]
+    ),
+    convert={f.name: f.db_value for f in _OUTCOME_FIELDS},
+    names=[*(f.name for f in _OUTCOME_FIELDS), "run_id"],
+)
+
+
 def save_messages(
     session_pk: int, run_id: str, messages: list[dict[str, Any]], now: datetime.datetime
 ) -> None:
-    if messages:
-        Message.insert_many(
-            [
-                {
-                    "session": session_pk,
-                    "run": run_id,
-                    "role": message["role"],
-                    "content": message.get("content") or "",
-                    "tool_calls": message.get("tool_calls"),
-                    "tool_call_id": message.get("tool_call_id"),
-                    "name": message.get("name"),
-                    "created_at": now,
-                }
-                for message in messages
-            ]
-        ).execute()
+    _INSERT_MESSAGE.execute_many(
+        [
+            {
+                "session": session_pk,
+                "run": run_id,
+                "role": message["role"],
+                "content": message.get("content") or "",
+                "tool_calls": message.get("tool_calls"),
+                "tool_call_id": message.get("tool_call_id"),
+                "name": message.get("name"),
+                "created_at": now,
+            }
+            for message in messages
+        ]
+    )
 
 
 def release_session(session_pk: int, run_id: str, now: datetime.datetime) -> None:
     """Let the session take its next run, if this run still holds it."""
-    (
-        Session.update(active_run_id=None, updated_at=now)
-        .where((Session.id == session_pk) & (Session.active_run_id == run_id))
-        .execute()
-    )
+    _RELEASE_SESSION.execute(session_id=session_pk, run_id=run_id, now=now)
 
 
 def close_run_log(run_id: str, type: str, data: str) -> None:

@@ -1,0 +1,73 @@
+"""Statements built once by peewee and run many times: app.db.Statement."""
+
+import datetime
+
+from peewee import fn
+
+from agent_runs import create_app
+from agent_runs.db import Statement, database, insert_statement
+from agent_runs.models import ApiToken, Run, Session
+from agent_runs.runtime.runs import new_run_id
+
+
+def test_a_statement_takes_its_values_by_name_wherever_the_sql_wants_them(app):
+    claim = Statement(
+        lambda uid, run_id: Session.update({Session.active_run_id: run_id}).where(
+            (Session.uid == uid) & (Session.active_run_id.is_null() | (Session.agent_id == uid))
+        )
+    )
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5, 678901)
+    with database.connection_context():
+        Session.create(uid="s1", org_id="o", user_id="u", agent_id="s1", created_at=now)
+        Session.create(uid="s2", org_id="o", user_id="u", agent_id="a", created_at=now)
+        assert claim.execute(run_id="r1", uid="s1").rowcount == 1
+        # "uid" is used twice; the constant NULL test stays in the SQL.
+        assert claim.execute(uid="s1", run_id="r2").rowcount == 1
+        assert [s.active_run_id for s in Session.select().order_by(Session.uid)] == ["r2", None]
+
+
+def test_rows_come_back_as_python_values(app):
+    select = Statement(
+        lambda org_id: Session.select(
+            Session.id, Session.created_at, fn.COUNT(Session.id).alias("n"), fn.MAX(1)
+        ).where(Session.org_id == org_id)
+    )
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5, 678901)
+    with database.connection_context():
+        created = Session.create(uid="s", org_id="o", user_id="u", agent_id="a", created_at=now)
+        assert select.rows(org_id="o") == [{"id": created.id, "created_at": now, "n": 1, "3": 1}]
+        assert select.rows(org_id="nobody") == [{"id": None, "created_at": None, "n": 0, "3": None}]
+
+
+def test_an_insert_statement_converts_values_as_its_fields_do(app):
+    insert = insert_statement(ApiToken, [ApiToken.token_hash, ApiToken.prefix, ApiToken.org_id])
+    run_insert = insert_statement(Run, [Run.id, Run.org_id, Run.agent_id, Run.session, Run.usage])
+    with database.connection_context():
+        insert.execute(token_hash="h", prefix="p", org_id="o")
+        token = ApiToken.get()
+        # Columns left out take their defaults, as peewee's own insert gives them.
+        assert (token.prefix, token.name, token.scopes) == ("p", "", "runs:read runs:write")
+        session = Session.create(uid="s", org_id="o", user_id="u", agent_id="a")
+        run_insert.execute(id="r", org_id="o", agent_id="a", session=session, usage={"a": [1]})
+        assert Run.get_by_id("r").usage == {"a": [1]}
+
+
+def test_a_statement_is_built_again_for_another_database(tmp_path):
+    count = Statement(
+        lambda org_id: ApiToken.select(fn.COUNT(ApiToken.id)).where(ApiToken.org_id == org_id)
+    )
+    for name, tokens in (("one", 2), ("two", 1)):
+        create_app({"AGENT_RUNS_DATABASE_URL": f"sqlite:///{tmp_path / name}.sqlite3"})
+        with database.connection_context():
+            for n in range(tokens):
+                ApiToken.create(token_hash=f"{name}{n}", prefix="p", org_id="o")
+            assert count.execute(org_id="o").fetchone()[0] == tokens
+
+
+def test_run_ids_sort_in_the_order_runs_were_created():
+    ids = [new_run_id() for _ in range(50)]
+    assert len(set(ids)) == 50
+    assert all(len(i) == 36 and i.startswith("run_") for i in ids)
+    # Within one millisecond the random part decides; across milliseconds, time does.
+    by_millisecond = [i[:16] for i in ids]
+    assert by_millisecond == sorted(by_millisecond)
