@@ -123,7 +123,7 @@ class Statement:
             sql, params = query.sql()
             # What each selected (or returned) column is called and how to read it back.
             columns = [
-                (column.name, column.python_value)
+                (column.name, _reader(column))
                 if isinstance(column, peewee.Field)
                 else (_alias(column) or str(index), None)
                 for index, column in enumerate(getattr(query, "_returning", None) or ())
@@ -161,6 +161,18 @@ class Statement:
         # The wrapper turns the driver's errors into peewee's, whatever the driver.
         with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
             database.cursor().executemany(sql, [self.params(row) for row in rows])
+
+
+def _reader(field: peewee.Field) -> Callable[[Any], Any] | None:
+    """How to turn a column's stored value into the field's; None where drivers already do.
+
+    Text and integer columns come back from every driver as str and int, which peewee's
+    conversion would only check again, value by value.
+    """
+    plain = type(field).python_value is peewee.Field.python_value
+    if plain and isinstance(field, (peewee.CharField, peewee.TextField, peewee.IntegerField)):
+        return None
+    return field.python_value
 
 
 def _alias(column: Any) -> str | None:

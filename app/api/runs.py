@@ -21,11 +21,11 @@ from ..runtime.runs import (
 )
 from ..schemas import (
     MAX_EVENT_ID,
-    AgentRunSchema,
     ContinueRequestSchema,
     EventsQuerySchema,
     QueuedRunSchema,
     RunResponseSchema,
+    run_status_views,
 )
 from . import bp
 
@@ -177,11 +177,10 @@ def batch_status(agent_id: str) -> Any:
     state = _state()
     get_agent(state.registry, agent_id)
     query = state.batch_status_query_schema.load(request.args.to_dict())
-    runs = get_statuses(g.principal, agent_id, query["run_ids"])
-    return AgentRunSchema(many=True).dump(runs)
+    return run_status_views(get_statuses(g.principal, agent_id, query["run_ids"]))
 
 
 @bp.get("/agents/<agent_id>/runs/<run_id>/status")
 def run_status(agent_id: str, run_id: str) -> Any:
     get_agent(_state().registry, agent_id)
-    return AgentRunSchema().dump(get_status(g.principal, agent_id, run_id))
+    return run_status_views([get_status(g.principal, agent_id, run_id)])[0]

@@ -6,6 +6,7 @@ caller's organisation (and user, when the caller's token is bound to one).
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 import uuid
@@ -442,17 +443,19 @@ def statuses_of(principal: Principal) -> peewee.ModelSelect[Run]:
 
 def status_rows(query: peewee.ModelSelect[Run]) -> list[dict[str, Any]]:
     """Run a :func:`statuses_of` query; return rows shaped as AgentRunSchema dumps them."""
-    rows: list[dict[str, Any]] = list(query.dicts())  # type: ignore[arg-type]
-    for row in rows:
-        row["user_id"] = row["user_id"] or None
-        error_type = row.pop("error_type")
-        if error_type is not None or row["error"] is not None:
-            row["error"] = {"type": error_type or "error", "message": row["error"] or ""}
-    return rows
+    return [_status_row(row) for row in query.dicts()]  # type: ignore[arg-type]
+
+
+def _status_row(row: dict[str, Any]) -> dict[str, Any]:
+    row["user_id"] = row["user_id"] or None
+    error_type = row.pop("error_type")
+    if error_type is not None or row["error"] is not None:
+        row["error"] = {"type": error_type or "error", "message": row["error"] or ""}
+    return row
 
 
 def get_status(principal: Principal, agent_id: str, run_id: str) -> dict[str, Any]:
-    rows = status_rows(statuses_of(principal).where(Run.id == run_id, Run.agent_id == agent_id))
+    rows = get_statuses(principal, agent_id, [run_id])
     if not rows:
         raise NotFound(f"No run {run_id!r} for agent {agent_id!r}.")
     return rows[0]
@@ -460,6 +463,34 @@ def get_status(principal: Principal, agent_id: str, run_id: str) -> dict[str, An
 
 def get_statuses(principal: Principal, agent_id: str, run_ids: list[str]) -> list[dict[str, Any]]:
     """Return the caller's runs among ``run_ids``, in the order asked, in one query."""
-    query = statuses_of(principal).where(Run.id.in_(run_ids), Run.agent_id == agent_id)
-    found = {row["id"]: row for row in status_rows(query)}
+    found: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(run_ids), _ID_BUCKETS[-1]):
+        ids = run_ids[start : start + _ID_BUCKETS[-1]]
+        size = next(size for size in _ID_BUCKETS if size >= len(ids))
+        # The last id fills the list up to the statement's size: asking twice is harmless.
+        padded = {f"id{i}": ids[min(i, len(ids) - 1)] for i in range(size)}
+        statement = _statuses_statement(size, principal.user_id is not None)
+        rows = statement.rows(
+            org_id=principal.org_id, user_id=principal.user_id, agent_id=agent_id, **padded
+        )
+        found.update((row["id"], _status_row(row)) for row in rows)
     return [found[run_id] for run_id in run_ids if run_id in found]
+
+
+# Status is polled for up to 100 runs at a time: its statement is built once for each of a
+# few list sizes, and a request's ids are padded up to the next one.
+_ID_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@functools.cache
+def _statuses_statement(size: int, user_bound: bool) -> Statement:
+    def build(**slots: Any) -> peewee.Query:
+        principal = Principal(
+            org_id=slots["org_id"], user_id=slots["user_id"] if user_bound else None
+        )
+        ids = [slots[f"id{i}"] for i in range(size)]
+        return statuses_of(principal).where(Run.id.in_(ids), Run.agent_id == slots["agent_id"])
+
+    return Statement(
+        build, names=["org_id", "user_id", "agent_id", *(f"id{i}" for i in range(size))]
+    )

@@ -1,0 +1,51 @@
+"""The status views built by hand equal what AgentRunSchema, the documented contract, dumps."""
+
+import datetime
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent_runs.models import RunStatus
+from agent_runs.schemas import AgentRunSchema, run_status_views, utc_timestamp
+
+text = st.text(max_size=20)
+maybe_text = st.none() | text
+times = st.datetimes(
+    min_value=datetime.datetime(2000, 1, 1), max_value=datetime.datetime(2200, 1, 1)
+)
+usage_keys = st.sampled_from(["input_tokens", "output_tokens", "reasoning_tokens", "model_calls"])
+rows = st.fixed_dictionaries(
+    {
+        "id": text,
+        "agent_id": text,
+        "session_id": text,
+        "user_id": maybe_text,
+        "org_id": text,
+        "status": st.sampled_from(RunStatus.ALL),
+        "model": text,
+        "content": text,
+        "usage": st.none() | st.dictionaries(usage_keys, st.integers(0, 2**40)),
+        "error": st.none() | st.fixed_dictionaries({"type": text, "message": text}),
+        "required_action": st.none()
+        | st.dictionaries(text, st.none() | text | st.integers() | st.lists(text, max_size=3)),
+        "created_at": times,
+        "started_at": st.none() | times,
+        "completed_at": st.none() | times,
+    }
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(rows, max_size=5))
+def test_run_status_views_equal_the_schemas_dump(runs):
+    assert run_status_views(runs) == AgentRunSchema(many=True).dump(runs)
+
+
+def test_times_are_written_in_utc_to_the_second():
+    naive = datetime.datetime(2026, 5, 6, 10, 0, 0, 999_999)
+    assert utc_timestamp(naive) == "2026-05-06T10:00:00Z"
+    paris = datetime.timezone(datetime.timedelta(hours=2))
+    assert utc_timestamp(datetime.datetime(2026, 5, 6, 12, 0, tzinfo=paris)) == (
+        "2026-05-06T10:00:00Z"
+    )
+    assert utc_timestamp(None) is None
