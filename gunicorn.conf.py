@@ -31,3 +31,20 @@ loglevel = os.environ.get("AGENT_RUNS_LOG_LEVEL", "info")
 # gunicorn's control socket lives at one fixed path per user, which several servers on one
 # machine would fight over; Agent Runs needs none of its commands.
 control_socket_disable = True
+
+
+def post_worker_init(worker):
+    """Make each worker's garbage collector cheap once the application is loaded.
+
+    A worker holding a thousand streams holds a few hundred thousand live objects, and
+    CPython's default thresholds ran a full collection over all of them every couple of
+    seconds: a 100 ms stop of every stream on the worker, and a tenth of its CPU in young
+    collections. Freezing what the application loaded takes it out of every collection for
+    good; a larger first threshold makes young collections rarer (their garbage is small:
+    reference counting frees the rest at once).
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 10)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
+import sqlite3
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
+import gevent
 import peewee
 from playhouse.db_url import connect as connect_url
 from playhouse.db_url import schemes as db_url_schemes
@@ -26,6 +29,11 @@ SQLITE_PRAGMAS = {
     "busy_timeout": 10_000,
     "foreign_keys": 1,
     "cache_size": -16_000,
+    # A commit that takes the write-ahead log past this many pages copies them back into the
+    # database itself, stalling its worker; checkpoint_wal() does that in a thread long before.
+    # The mark stays, lower than the log would grow without it, for processes that never call
+    # checkpoint_wal() (the command line tools).
+    "wal_autocheckpoint": 10_000,
 }
 
 
@@ -51,6 +59,28 @@ def open_database(url: str, pool_size: int = 32) -> peewee.Database:
     db.autoconnect = False
     database.initialize(db)
     return db
+
+
+def checkpoint_wal() -> None:
+    """Copy the SQLite write-ahead log back into the database, in a thread; wait for it.
+
+    SQLite checkpoints inside whichever commit fills the log past its mark: copying the pages
+    and syncing the file took 10-30 ms there, during which the worker's event loop (and every
+    stream on it) stood still. The executor calls this every poll interval instead, from a
+    greenlet that waits while a thread of gevent's pool does the work; SQLite releases the GIL
+    while it copies, so the loop runs on. A PASSIVE checkpoint never waits for readers or
+    writers: what it cannot copy now, the next one will. A no-op for other databases.
+    """
+    db = database.obj
+    if not isinstance(db, peewee.SqliteDatabase) or db.database in ("", ":memory:"):
+        return
+    gevent.get_hub().threadpool.apply(_checkpoint, (db.database,))
+
+
+def _checkpoint(path: str) -> None:
+    # A connection of its own, in the pool's thread: peewee's connections belong to greenlets.
+    with contextlib.closing(sqlite3.connect(path, timeout=5, isolation_level=None)) as connection:
+        connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def migrations_directory() -> str:

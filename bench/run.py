@@ -43,6 +43,9 @@ from pathlib import Path
 from stats import percentiles
 
 BENCH = Path(__file__).resolve().parent
+# Both servers run with the project's gunicorn settings (its worker hooks included); the command
+# line below overrides what the benchmark sets itself.
+GUNICORN_CONF = BENCH.parent / "gunicorn.conf.py"
 LOAD = BENCH / "load.py"
 LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+)")
 PY_SPY = shutil.which("py-spy") or "py-spy"
@@ -249,6 +252,8 @@ class Server:
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(BENCH), os.environ.get("PYTHONPATH", "")) if p
             ),
+            # No access log: thousands of lines a second would measure the log, not the server.
+            "AGENT_RUNS_ACCESS_LOG": "",
         }
         if target == "ours":
             self.env.update(
@@ -288,6 +293,8 @@ class Server:
                 sys.executable,
                 "-m",
                 "gunicorn",
+                "--config",
+                str(GUNICORN_CONF),
                 "--worker-class",
                 settings["worker_class"],
                 "--workers",

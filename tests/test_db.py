@@ -1,11 +1,13 @@
 """Statements built once by peewee and run many times: app.db.Statement."""
 
 import datetime
+import sqlite3
+from contextlib import closing
 
 from peewee import fn
 
 from agent_runs import create_app
-from agent_runs.db import Statement, database, insert_statement
+from agent_runs.db import Statement, checkpoint_wal, database, insert_statement
 from agent_runs.models import ApiToken, Run, Session
 from agent_runs.runtime.runs import new_run_id
 
@@ -71,3 +73,22 @@ def test_run_ids_sort_in_the_order_runs_were_created():
     # Within one millisecond the random part decides; across milliseconds, time does.
     by_millisecond = [i[:16] for i in ids]
     assert by_millisecond == sorted(by_millisecond)
+
+
+def _rows_in_database_file(path, table):
+    """Count a table's rows in the database file alone, as if the write-ahead log were not there."""
+    with closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as connection:
+        try:
+            return connection.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0]
+        except sqlite3.OperationalError:  # the table itself is still in the log only
+            return 0
+
+
+def test_checkpoint_wal_copies_the_log_into_the_database_file(app, database_url):
+    path = database_url.removeprefix("sqlite:///")
+    with database.connection_context():
+        for n in range(20):
+            ApiToken.create(token_hash=f"h{n}", prefix="p", org_id="o")
+    assert _rows_in_database_file(path, "api_token") == 0
+    checkpoint_wal()
+    assert _rows_in_database_file(path, "api_token") == 20

@@ -363,3 +363,50 @@ def test_an_event_the_database_refuses_does_not_hold_back_the_others(client, aut
         kept = RunEvent.get_or_none((RunEvent.run == run["runId"]) & (RunEvent.seq == 99))
         assert kept is not None and kept.data == "kept"
         assert not RunEvent.select().where(RunEvent.run == "run_that_does_not_exist").exists()
+
+
+def test_a_large_backlog_is_written_in_bounded_transactions_in_order(app):
+    from agent_runs.runtime.events import (
+        MAX_ENDINGS_PER_COMMIT,
+        MAX_EVENTS_PER_COMMIT,
+        EventLog,
+        RunChannel,
+    )
+    from agent_runs.runtime.runs import new_run_id
+
+    runs = [new_run_id() for _ in range(2 * MAX_ENDINGS_PER_COMMIT + 5)]
+    with database.connection_context():
+        session = Session.create(uid="backlog", org_id="acme", user_id="", agent_id="assistant")
+        Run.insert_many(
+            [{"id": r, "org_id": "acme", "agent_id": "assistant", "session": session} for r in runs]
+        ).execute()
+    log = EventLog(flush_interval=60)
+    channels = {run_id: RunChannel(run_id, first_seq=100) for run_id in runs}
+    for n in range(MAX_EVENTS_PER_COMMIT // len(runs) + 2):
+        for run_id in runs:
+            log.append(channels[run_id].make_event("CONTENT_DELTA", f"{n}"), channels[run_id])
+    recorded, finished = [], []
+    for run_id in runs:
+        channel = channels[run_id]
+
+        def done(run_id=run_id, channel=channel):
+            # Told after the commit that holds its end, with all its events published...
+            assert run_id in recorded and channel.closed
+            # ...and before the runs that ended after it were written: a transaction holds
+            # at most MAX_ENDINGS_PER_COMMIT of them.
+            assert len(recorded) <= len(finished) + MAX_ENDINGS_PER_COMMIT
+            finished.append(run_id)
+
+        log.end_run(
+            channel.make_event("STOP", "{}"), channel, lambda r=run_id: recorded.append(r), done
+        )
+    log.flush()
+    assert finished == runs
+    for run_id, channel in channels.items():
+        seqs = [event.seq for event in channel.events]
+        assert seqs == list(range(100, 100 + len(seqs)))
+        with database.connection_context():
+            stored = RunEvent.select(RunEvent.seq).where(
+                RunEvent.run == run_id, RunEvent.seq >= 100
+            )
+            assert sorted(e.seq for e in stored) == seqs

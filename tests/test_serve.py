@@ -62,3 +62,18 @@ def test_serve_announces_a_first_token_once_and_serves_with_it(tmp_path):
     process, output, _ = serve(tmp_path, env)
     stop(process)
     assert "ar_" not in output and "No API token existed" not in output
+
+
+def test_gunicorn_workers_freeze_what_the_application_loaded_and_collect_less_often(repo_root):
+    import gc
+    import runpy
+
+    settings = runpy.run_path(os.path.join(repo_root, "gunicorn.conf.py"))
+    thresholds = gc.get_threshold()
+    try:
+        settings["post_worker_init"](None)
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] > thresholds[0]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)

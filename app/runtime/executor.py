@@ -24,7 +24,7 @@ import gevent.event
 import gevent.pool
 import gevent.queue
 
-from ..db import Statement, database, insert_statement
+from ..db import Statement, checkpoint_wal, database, insert_statement
 from ..models import Message, Run, RunEvent, RunStatus, Session, utcnow
 from ..providers.base import Provider, ProviderError
 from .agents import Agent
@@ -373,6 +373,7 @@ class Executor:
                     if now - last_prune >= PRUNE_EVERY:
                         prune_events(self.settings.retention_days)
                         last_prune = now
+                checkpoint_wal()
             except Exception:
                 logger.exception("keeping runs alive failed; retrying")
 
