@@ -403,7 +403,7 @@ def test_a_large_backlog_is_written_in_bounded_transactions_in_order(app):
     log.flush()
     assert finished == runs
     for run_id, channel in channels.items():
-        seqs = [event.seq for event in channel.events]
+        seqs = [int(frame.split(b"\n")[0].removeprefix(b"id: ")) for frame in channel.frames]
         assert seqs == list(range(100, 100 + len(seqs)))
         with database.connection_context():
             stored = RunEvent.select(RunEvent.seq).where(

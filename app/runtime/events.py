@@ -91,15 +91,17 @@ def json_data(value: object) -> str:
 class RunChannel:
     """The live events of one run executing in this process, for the streams that follow it.
 
-    ``events`` holds what this process published for the run (written to the log), from
-    ``first_seq`` on; streams wait on the channel for more. The channel is dropped once the
-    run has ended and its last follower has left: by then everything is in the log.
+    ``frames`` holds the SSE frames of what this process published for the run (written to
+    the log), from ``first_seq`` on; streams wait on the channel for more. Frames, not Event
+    objects: bytes are invisible to the garbage collector, and a thousand open streams kept
+    tens of thousands of events for it to scan again and again. The channel is dropped once
+    the run has ended and its last follower has left: by then everything is in the log.
     """
 
     def __init__(self, run_id: str, first_seq: int = 1) -> None:
         self.run_id = run_id
         self.first_seq = first_seq
-        self.events: list[Event] = []
+        self.frames: list[bytes] = []
         self.closed = False
         self._next_seq = first_seq
         self._changed = gevent.event.Event()
@@ -111,8 +113,8 @@ class RunChannel:
         return event
 
     def publish(self, events: list[Event]) -> None:
-        """Add written events to the channel and wake every stream waiting on it."""
-        self.events.extend(events)
+        """Add written events (the run's next ones, in order) and wake the streams waiting."""
+        self.frames.extend(event.frame for event in events)
         self._next_seq = max(self._next_seq, events[-1].seq + 1)
         if events[-1].is_final:
             self.closed = True
@@ -130,11 +132,11 @@ class RunChannel:
         """
         index = max(0, after + 1 - self.first_seq)
         while True:
-            if index < len(self.events):
+            if index < len(self.frames):
                 # Everything that arrived since the last wake-up goes out in one write.
-                ready = self.events[index:]
+                ready = self.frames[index:]
                 index += len(ready)
-                yield b"".join(event.frame for event in ready)
+                yield b"".join(ready)
                 continue
             if self.closed:
                 return
