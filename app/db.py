@@ -6,7 +6,6 @@ import contextlib
 import inspect
 import logging
 import os
-import sqlite3
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -29,11 +28,13 @@ SQLITE_PRAGMAS = {
     "busy_timeout": 10_000,
     "foreign_keys": 1,
     "cache_size": -16_000,
-    # A commit that takes the write-ahead log past this many pages copies them back into the
-    # database itself, stalling its worker; checkpoint_wal() does that in a thread long before.
-    # The mark stays, lower than the log would grow without it, for processes that never call
-    # checkpoint_wal() (the command line tools).
+    # A commit that takes the write-ahead log past this many pages (40 MB; SQLite's default is
+    # 1,000) copies them back into the database itself, stalling its worker. A serving worker's
+    # checkpoint_wal() does that in a thread long before; the mark is the backstop for
+    # processes that never call it (the command line tools, a worker before its first request).
     "wal_autocheckpoint": 10_000,
+    # Once a checkpoint has emptied it, a log grown larger than this is cut back to it.
+    "journal_size_limit": 64 * 1024 * 1024,
 }
 
 
@@ -74,12 +75,17 @@ def checkpoint_wal() -> None:
     db = database.obj
     if not isinstance(db, peewee.SqliteDatabase) or db.database in ("", ":memory:"):
         return
+    if db.connect_params.get("uri"):
+        return  # a URI names the file in ways a plain path would not; SQLite checkpoints it
     gevent.get_hub().threadpool.apply(_checkpoint, (db.database,))
 
 
 def _checkpoint(path: str) -> None:
     # A connection of its own, in the pool's thread: peewee's connections belong to greenlets.
-    with contextlib.closing(sqlite3.connect(path, timeout=5, isolation_level=None)) as connection:
+    # Opened with the driver peewee uses (pysqlite3 where installed): two copies of SQLite in
+    # one process would drop each other's POSIX locks on the file.
+    connect = peewee.sqlite3.connect  # type: ignore[attr-defined]
+    with contextlib.closing(connect(path, timeout=5, isolation_level=None)) as connection:
         connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
@@ -153,9 +159,7 @@ class Statement:
             sql, params = query.sql()
             # What each selected (or returned) column is called and how to read it back.
             columns = [
-                (column.name, _reader(column))
-                if isinstance(column, peewee.Field)
-                else (_alias(column) or str(index), None)
+                _column(column, index)
                 for index, column in enumerate(getattr(query, "_returning", None) or ())
             ]
             self._compiled = _Compiled(db, sql, tuple(params), tuple(columns))
@@ -205,9 +209,14 @@ def _reader(field: peewee.Field) -> Callable[[Any], Any] | None:
     return field.python_value
 
 
-def _alias(column: Any) -> str | None:
-    """The name a selected expression was given with ``.alias()``, if any."""
-    return column._alias if isinstance(column, peewee.Alias) else None  # type: ignore[attr-defined]
+def _column(column: Any, index: int) -> tuple[str, Callable[[Any], Any] | None]:
+    """The key of a selected column in :meth:`Statement.rows`, and how to read its values."""
+    name = None
+    if isinstance(column, peewee.Alias):
+        name, column = column._alias, column.unalias()  # type: ignore[attr-defined]
+    if isinstance(column, peewee.Field):
+        return name or column.name, _reader(column)
+    return name or str(index), None
 
 
 class _Compiled(NamedTuple):
@@ -223,6 +232,16 @@ def insert_statement(
     """A :class:`Statement` inserting one row of ``model``: values by field name, converted
     by each field as peewee converts them."""
     fields = list(fields)
+    # peewee fills in the defaults of the fields left out, calling callable ones: once, here,
+    # when the statement is built, so every row would get that first value.
+    given = {field.name for field in fields}
+    frozen = [
+        field.name
+        for field, default in model._meta.defaults.items()  # type: ignore[attr-defined]
+        if callable(default) and field.name not in given
+    ]
+    if frozen:
+        raise ValueError(f"insert_statement({model.__name__}) must set {frozen}")
 
     def build(**slots: Any) -> peewee.Query:
         query = model.insert({field: slots[field.name] for field in fields})

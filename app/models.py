@@ -32,23 +32,6 @@ class JSONField(peewee.TextField):
         return None if value is None else json.loads(value)
 
 
-class DateTimeField(peewee.DateTimeField):
-    """peewee's DateTimeField, read back faster.
-
-    SQLite hands timestamps back as text, which peewee parses by trying strptime formats in
-    turn; ``datetime.fromisoformat`` reads the text it stores in C, many times faster. Status
-    reads parse three timestamps per run, up to a hundred runs per request.
-    """
-
-    def python_value(self, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return datetime.datetime.fromisoformat(value)
-            except ValueError:
-                pass
-        return super().python_value(value)
-
-
 class BaseModel(peewee.Model):
     class Meta:
         database = database
@@ -81,9 +64,9 @@ class ApiToken(BaseModel):
     org_id = peewee.CharField(max_length=128)
     user_id = peewee.CharField(max_length=128, null=True)
     scopes = peewee.CharField(max_length=200, default="runs:read runs:write")
-    created_at = DateTimeField(default=utcnow)
-    expires_at = DateTimeField(null=True)
-    revoked_at = DateTimeField(null=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+    expires_at = peewee.DateTimeField(null=True)
+    revoked_at = peewee.DateTimeField(null=True)
 
 
 class Session(BaseModel):
@@ -99,8 +82,8 @@ class Session(BaseModel):
     # "" when the run was not made for a particular user; kept non-null so the unique key holds.
     user_id = peewee.CharField(max_length=128, default="")
     agent_id = peewee.CharField(max_length=128)
-    created_at = DateTimeField(default=utcnow)
-    updated_at = DateTimeField(default=utcnow)
+    created_at = peewee.DateTimeField(default=utcnow)
+    updated_at = peewee.DateTimeField(default=utcnow)
     # The run that holds the session now. Claimed with a conditional UPDATE, so at most one run
     # is active per session whatever the number of workers.
     active_run_id = peewee.CharField(max_length=64, null=True)
@@ -137,10 +120,10 @@ class Run(BaseModel):
     pending_calls = JSONField(null=True)
     cancel_requested = peewee.BooleanField(default=False)
     # Renewed by the executor while the run works; an expired lease means its worker died.
-    lease_expires_at = DateTimeField(null=True)
-    created_at = DateTimeField(default=utcnow)
-    started_at = DateTimeField(null=True)
-    completed_at = DateTimeField(null=True)
+    lease_expires_at = peewee.DateTimeField(null=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+    started_at = peewee.DateTimeField(null=True)
+    completed_at = peewee.DateTimeField(null=True)
 
     class Meta:
         indexes = (
@@ -178,7 +161,7 @@ class Message(BaseModel):
     tool_calls = JSONField(null=True)
     tool_call_id = peewee.CharField(max_length=128, null=True)
     name = peewee.CharField(max_length=128, null=True)
-    created_at = DateTimeField(default=utcnow)
+    created_at = peewee.DateTimeField(default=utcnow)
 
 
 MODELS = (ApiToken, Session, Run, RunEvent, Message)

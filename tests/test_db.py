@@ -4,6 +4,7 @@ import datetime
 import sqlite3
 from contextlib import closing
 
+import pytest
 from peewee import fn
 
 from agent_runs import create_app
@@ -42,15 +43,22 @@ def test_rows_come_back_as_python_values(app):
 
 
 def test_an_insert_statement_converts_values_as_its_fields_do(app):
-    insert = insert_statement(ApiToken, [ApiToken.token_hash, ApiToken.prefix, ApiToken.org_id])
-    run_insert = insert_statement(Run, [Run.id, Run.org_id, Run.agent_id, Run.session, Run.usage])
+    insert = insert_statement(
+        ApiToken, [ApiToken.token_hash, ApiToken.prefix, ApiToken.org_id, ApiToken.created_at]
+    )
+    run_insert = insert_statement(
+        Run, [Run.id, Run.org_id, Run.agent_id, Run.session, Run.usage, Run.created_at]
+    )
     with database.connection_context():
-        insert.execute(token_hash="h", prefix="p", org_id="o")
+        now = datetime.datetime(2026, 1, 2, 3, 4, 5)
+        insert.execute(token_hash="h", prefix="p", org_id="o", created_at=now)
         token = ApiToken.get()
         # Columns left out take their defaults, as peewee's own insert gives them.
         assert (token.prefix, token.name, token.scopes) == ("p", "", "runs:read runs:write")
         session = Session.create(uid="s", org_id="o", user_id="u", agent_id="a")
-        run_insert.execute(id="r", org_id="o", agent_id="a", session=session, usage={"a": [1]})
+        run_insert.execute(
+            id="r", org_id="o", agent_id="a", session=session, usage={"a": [1]}, created_at=now
+        )
         assert Run.get_by_id("r").usage == {"a": [1]}
 
 
@@ -92,3 +100,19 @@ def test_checkpoint_wal_copies_the_log_into_the_database_file(app, database_url)
     assert _rows_in_database_file(path, "api_token") == 0
     checkpoint_wal()
     assert _rows_in_database_file(path, "api_token") == 20
+
+
+def test_an_insert_statement_must_set_the_fields_whose_default_is_computed(app):
+    # peewee would compute the default once, when the statement is built, for every row.
+    with pytest.raises(ValueError, match="created_at"):
+        insert_statement(Session, [Session.uid, Session.org_id])
+
+
+def test_aliased_fields_come_back_by_alias_as_python_values(app):
+    select = Statement(
+        lambda uid: Session.select(Session.created_at.alias("at")).where(Session.uid == uid)
+    )
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5, 678901)
+    with database.connection_context():
+        Session.create(uid="s", org_id="o", user_id="u", agent_id="a", created_at=now)
+        assert select.rows(uid="s") == [{"at": now}]

@@ -157,13 +157,15 @@ class _Ending:
 _Pending = tuple[Event, "RunChannel | None", "_Ending | None"]
 
 
-# What one transaction of the event log writes at most. The writer does not yield while it
-# writes, and a run's end costs ~150 µs (its status, messages and session): when 1,000 runs
-# ended together, one transaction held the worker's event loop, every stream and request on
-# it, for 150 ms; in transactions of 200 endings, for 30 ms at most, with other greenlets
-# running in between. Events cost a few microseconds each, and every commit rewrites the
-# pages it touched: bounding them at 500 cost a fifth more CPU per streamed event, so their
-# bound is only there to keep a backlog from growing one transaction without end.
+# What one transaction of the event log writes at most. On SQLite the writer does not yield
+# while it writes, and a run's end costs ~150 µs (its status, messages and session): when
+# 1,000 runs ended together, one transaction held the worker's event loop, every stream and
+# request on it, for 150 ms. Bounded to 200 endings, a transaction holds it for ~30 ms of
+# endings plus the events written with them (a few µs each), and other greenlets run between
+# transactions. Every commit rewrites the pages it touched, so events are bounded loosely:
+# at 500 per transaction the worker spent a fifth more CPU per streamed event than
+# unbounded; 20,000 only keeps a backlog from becoming one transaction without end. (With a
+# PostgreSQL driver made cooperative by gevent, the writer yields at each statement instead.)
 MAX_EVENTS_PER_COMMIT = 20_000
 MAX_ENDINGS_PER_COMMIT = 200
 
