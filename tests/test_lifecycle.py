@@ -380,12 +380,12 @@ def test_a_large_backlog_is_written_in_bounded_transactions_in_order(app):
         Run.insert_many(
             [{"id": r, "org_id": "acme", "agent_id": "assistant", "session": session} for r in runs]
         ).execute()
-    log = EventLog(flush_interval=60)
+    recorded, finished = [], []
+    log = EventLog(flush_interval=60, record_endings=recorded.extend)
     channels = {run_id: RunChannel(run_id, first_seq=100) for run_id in runs}
     for n in range(MAX_EVENTS_PER_COMMIT // len(runs) + 2):
         for run_id in runs:
             log.append(channels[run_id].make_event("CONTENT_DELTA", f"{n}"), channels[run_id])
-    recorded, finished = [], []
     for run_id in runs:
         channel = channels[run_id]
 
@@ -397,9 +397,7 @@ def test_a_large_backlog_is_written_in_bounded_transactions_in_order(app):
             assert len(recorded) <= len(finished) + MAX_ENDINGS_PER_COMMIT
             finished.append(run_id)
 
-        log.end_run(
-            channel.make_event("STOP", "{}"), channel, lambda r=run_id: recorded.append(r), done
-        )
+        log.end_run(channel.make_event("STOP", "{}"), channel, run_id, done)
     log.flush()
     assert finished == runs
     for run_id, channel in channels.items():
@@ -410,3 +408,55 @@ def test_a_large_backlog_is_written_in_bounded_transactions_in_order(app):
                 RunEvent.run == run_id, RunEvent.seq >= 100
             )
             assert sorted(e.seq for e in stored) == seqs
+
+
+def test_a_run_end_the_database_refuses_does_not_undo_the_others(app):
+    from agent_runs.runtime.events import EventLog, RunChannel
+    from agent_runs.runtime.executor import RunEnding, message_rows, record_run_endings
+    from agent_runs.runtime.runs import new_run_id
+
+    runs = [new_run_id() for _ in range(3)]
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    with database.connection_context():
+        session = Session.create(uid="ends", org_id="acme", user_id="", agent_id="assistant")
+        Run.insert_many(
+            [{"id": r, "org_id": "acme", "agent_id": "assistant", "session": session} for r in runs]
+        ).execute()
+    log = EventLog(flush_interval=60, record_endings=record_run_endings)
+    done = []
+    for index, run_id in enumerate(runs):
+        channel = RunChannel(run_id, first_seq=2)
+        # The middle run's messages name a session that does not exist: refused.
+        session_pk = session.id if index != 1 else 999_999
+        ending = RunEnding(
+            outcome={
+                "run_id": run_id,
+                "status": RunStatus.COMPLETED,
+                "content": "done",
+                "reasoning_steps": [],
+                "tool_calls": [],
+                "followups": None,
+                "usage": {"input_tokens": 1},
+                "error_type": None,
+                "error": None,
+                "cancel_requested": False,
+                "required_action": None,
+                "pending_calls": None,
+                "lease_expires_at": None,
+                "completed_at": now,
+            },
+            messages=message_rows(
+                session_pk, run_id, [{"role": "assistant", "content": "done"}], now
+            ),
+            release=None,
+        )
+        log.end_run(
+            channel.make_event("STOP", "{}"), channel, ending, lambda r=run_id: done.append(r)
+        )
+    log.flush()
+    assert done == runs
+    with database.connection_context():
+        statuses = {r.id: r.status for r in Run.select(Run.id, Run.status)}
+        assert [statuses[r] for r in runs] == [RunStatus.COMPLETED, "RUNNING", RunStatus.COMPLETED]
+        # The refused run's STOP is in the log all the same; the sweep will fail the run.
+        assert RunEvent.select().where(RunEvent.type == "STOP").count() == 3

@@ -16,7 +16,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import gevent
 import gevent.event
@@ -73,10 +74,14 @@ class Event:
     type: str
     data: str
     timestamp: int
+    # The SSE frame, once encoded (see RunChannel.make_event).
+    encoded: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def frame(self) -> bytes:
-        return encode_event(self.seq, self.type, self.data, self.timestamp)
+        if self.encoded is None:
+            self.encoded = encode_event(self.seq, self.type, self.data, self.timestamp)
+        return self.encoded
 
     @property
     def is_final(self) -> bool:
@@ -109,6 +114,9 @@ class RunChannel:
     def make_event(self, type: str, data: str) -> Event:
         """Create the run's next event; it is published once the log has written it."""
         event = Event(self.run_id, self._next_seq, type, data, now_ms())
+        # Encoded now, by the run's greenlet between two of its deltas: the event writer, which
+        # publishes thousands of events at once without yielding, then only hands frames over.
+        event.encoded = encode_event(event.seq, type, data, event.timestamp)
         self._next_seq += 1
         return event
 
@@ -148,7 +156,7 @@ class RunChannel:
 class _Ending:
     """A run's last database writes, queued to commit with its last events."""
 
-    record: Callable[[], None]
+    record: Any
     done: Callable[[], None]
 
 
@@ -182,8 +190,15 @@ class EventLog:
     finds its final status in the database.
     """
 
-    def __init__(self, flush_interval: float) -> None:
+    def __init__(
+        self,
+        flush_interval: float,
+        record_endings: Callable[[list[Any]], None] = lambda endings: None,
+    ) -> None:
         self.flush_interval = flush_interval
+        # Writes the final state of runs whose last events are in the transaction, given
+        # what end_run() was given for each.
+        self.record_endings = record_endings
         self._pending: collections.deque[_Pending] = collections.deque()
         self._lock = threading.Lock()
         self._writer: gevent.Greenlet | None = None
@@ -194,13 +209,10 @@ class EventLog:
         self._ensure_writer()
 
     def end_run(
-        self,
-        event: Event,
-        channel: RunChannel,
-        record: Callable[[], None],
-        done: Callable[[], None],
+        self, event: Event, channel: RunChannel, record: Any, done: Callable[[], None]
     ) -> None:
-        """Queue a run's last event with its final writes; ``done`` runs after the commit."""
+        """Queue a run's last event with its final writes (``record``, for record_endings);
+        ``done`` runs after the commit."""
         self._pending.append((event, channel, _Ending(record, done)))
         self._ensure_writer()
 
@@ -228,8 +240,7 @@ class EventLog:
                     # One prepared statement, many rows: building a multi-row INSERT in
                     # Python would cost more than the database's work.
                     _insert_events(rows)
-                    for ending in endings:
-                        _record_ending(ending)
+                    self._record_endings(endings)
             except BaseException:
                 # Keep everything for the next attempt rather than lose it.
                 self._pending.extendleft(reversed(batch))
@@ -250,6 +261,28 @@ class EventLog:
                 if endings == MAX_ENDINGS_PER_COMMIT:
                     break
         return batch
+
+    def _record_endings(self, endings: list[_Ending]) -> None:
+        """Record the runs' final writes, all at once in a savepoint; should that fail, each in
+        a savepoint of its own, so that one that fails cannot undo the others. A run whose
+        end could not be written keeps status RUNNING without a lease being renewed, and the
+        sweep fails it."""
+        if not endings:
+            return
+        try:
+            with database.atomic():
+                self.record_endings([ending.record for ending in endings])
+            return
+        except Exception:
+            if len(endings) == 1:
+                logger.exception("recording the end of a run failed")
+                return
+        for ending in endings:
+            try:
+                with database.atomic():
+                    self.record_endings([ending.record])
+            except Exception:
+                logger.exception("recording the end of a run failed")
 
     def _write_forever(self) -> None:
         while True:
@@ -286,18 +319,6 @@ def _insert_events(rows: list[tuple[str, int, str, str, int]]) -> None:
                 database.execute_sql(sql, row)
         except peewee.IntegrityError:
             logger.warning("dropped event %s of run %s: the database refused it", row[1], row[0])
-
-
-def _record_ending(ending: _Ending) -> None:
-    """Make one run's final writes in a savepoint: one that fails cannot undo the others.
-
-    Its run then keeps status RUNNING without a lease being renewed, and the sweep fails it.
-    """
-    try:
-        with database.atomic():
-            ending.record()
-    except Exception:
-        logger.exception("recording the end of a run failed")
 
 
 _insert_statement: tuple[int, str] | None = None

@@ -116,7 +116,7 @@ class Executor:
 
     def __init__(self, settings: ExecutorSettings) -> None:
         self.settings = settings
-        self.log = EventLog(settings.flush_interval)
+        self.log = EventLog(settings.flush_interval, record_endings=record_run_endings)
         self.active: dict[str, ActiveRun] = {}
         self.greenlets = gevent.pool.Group()
         self._background = gevent.pool.Pool(settings.max_background_runs)
@@ -325,18 +325,20 @@ class Executor:
             completed_at=None if paused else now,
         )
 
-        def record() -> None:
-            _RECORD_OUTCOME.execute(run_id=job.run_id, **changes)
-            save_messages(job.session_pk, job.run_id, messages, now)
-            if not paused:
-                release_session(job.session_pk, job.run_id, now)
+        ending = RunEnding(
+            outcome={"run_id": job.run_id, **changes},
+            messages=message_rows(job.session_pk, job.run_id, messages, now),
+            release=None
+            if paused
+            else {"session_id": job.session_pk, "run_id": job.run_id, "now": now},
+        )
 
         def done() -> None:
             self.active.pop(job.run_id, None)
             active.done.set()
 
         event = active.channel.make_event(outcome.type, outcome.data)
-        self.log.end_run(event, active.channel, record, done)
+        self.log.end_run(event, active.channel, ending, done)
 
     # Leases, remote cancels, the sweep --------------------------------------------------
 
@@ -537,24 +539,48 @@ _RECORD_OUTCOME = Statement(
 )
 
 
+@dataclass
+class RunEnding:
+    """A run's final writes: its outcome, its new messages, and its session released."""
+
+    outcome: dict[str, Any]
+    messages: list[dict[str, Any]]
+    release: dict[str, Any] | None
+
+
+def record_run_endings(endings: list[RunEnding]) -> None:
+    """Write the final state of runs that ended: three prepared statements for them all.
+
+    The event log calls this in the transaction of their last events, with every run that
+    ended since its last batch (or, if that fails, with each on its own).
+    """
+    _RECORD_OUTCOME.execute_many([ending.outcome for ending in endings])
+    _INSERT_MESSAGE.execute_many([row for ending in endings for row in ending.messages])
+    _RELEASE_SESSION.execute_many([e.release for e in endings if e.release is not None])
+
+
+def message_rows(
+    session_pk: int, run_id: str, messages: list[dict[str, Any]], now: datetime.datetime
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "session": session_pk,
+            "run": run_id,
+            "role": message["role"],
+            "content": message.get("content") or "",
+            "tool_calls": message.get("tool_calls"),
+            "tool_call_id": message.get("tool_call_id"),
+            "name": message.get("name"),
+            "created_at": now,
+        }
+        for message in messages
+    ]
+
+
 def save_messages(
     session_pk: int, run_id: str, messages: list[dict[str, Any]], now: datetime.datetime
 ) -> None:
-    _INSERT_MESSAGE.execute_many(
-        [
-            {
-                "session": session_pk,
-                "run": run_id,
-                "role": message["role"],
-                "content": message.get("content") or "",
-                "tool_calls": message.get("tool_calls"),
-                "tool_call_id": message.get("tool_call_id"),
-                "name": message.get("name"),
-                "created_at": now,
-            }
-            for message in messages
-        ]
-    )
+    _INSERT_MESSAGE.execute_many(message_rows(session_pk, run_id, messages, now))
 
 
 def release_session(session_pk: int, run_id: str, now: datetime.datetime) -> None:
