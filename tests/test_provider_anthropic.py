@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 
-import agent_runs
 from agent_runs.providers.anthropic import TAKES_TEMPERATURE, AnthropicProvider
 from agent_runs.providers.base import (
     ContentDelta,
@@ -21,8 +19,8 @@ from agent_runs.providers.base import (
     UsageDelta,
     resolve_model,
 )
-from agent_runs.runtime.agents import unregister_agent
 
+from . import provider_kit as kit
 from .fake_anthropic import (
     Error,
     FakeAnthropic,
@@ -44,13 +42,9 @@ from .fake_anthropic import (
     thinking_delta,
     tool_use_block,
 )
+from .provider_kit import PNG_BASE64
 
 API_KEY = "sk-ant-test-secret-0123456789"
-# A 1x1 PNG.
-PNG_BASE64 = (
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAC"
-    "hwGA60e6kgAAAABJRU5ErkJggg=="
-)
 WEATHER_TOOL = ToolSpec(
     "get_weather",
     "Return the weather of a city.",
@@ -77,11 +71,7 @@ def ask(text="Hello", **kwargs):
 
 
 def collect(provider, request=None):
-    return list(provider.stream(request or ask()))
-
-
-def texts(deltas, kind):
-    return "".join(d.text for d in deltas if isinstance(d, kind))
+    return kit.collect(provider, request or ask())
 
 
 def tool_use_answer(*calls, thinking=None, input_tokens=20):
@@ -327,7 +317,11 @@ def test_request_translation(fake):
                 {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}},
                 {
                     "type": "image",
-                    "source": {"type": "base64", "media_type": "image/webp", "data": PNG_BASE64},
+                    "source": {
+                        "type": "base64",
+                        "media_type": "image/webp",
+                        "data": PNG_BASE64,
+                    },
                 },
             ],
         },
@@ -515,7 +509,7 @@ def test_overloaded_then_success_is_retried(fake):
 
     deltas = collect(provider_for(fake))
 
-    assert texts(deltas, ContentDelta) == "ok"
+    assert kit.texts(deltas, ContentDelta) == "ok"
     assert len(fake.requests) == 2
 
 
@@ -528,7 +522,7 @@ def test_rate_limited_waits_what_the_server_asks(fake):
     started = time.monotonic()
     deltas = collect(provider_for(fake))
 
-    assert texts(deltas, ContentDelta) == "ok"
+    assert kit.texts(deltas, ContentDelta) == "ok"
     assert time.monotonic() - started >= 0.15
 
 
@@ -558,7 +552,7 @@ def test_an_error_event_before_output_is_retried(fake):
 
     deltas = collect(provider_for(fake))
 
-    assert texts(deltas, ContentDelta) == "ok"
+    assert kit.texts(deltas, ContentDelta) == "ok"
     assert len(fake.requests) == 2
 
 
@@ -609,7 +603,7 @@ def test_connection_cut_after_output_fails_without_retry(fake):
         for delta in provider_for(fake).stream(ask()):
             received.append(delta)
 
-    assert texts(received, ContentDelta) == "The answer"
+    assert kit.texts(received, ContentDelta) == "The answer"
     assert len(fake.requests) == 1
     assert fake.outcomes == ["cut"]
 
@@ -619,7 +613,7 @@ def test_connection_cut_before_output_is_retried(fake):
 
     deltas = collect(provider_for(fake))
 
-    assert texts(deltas, ContentDelta) == "ok"
+    assert kit.texts(deltas, ContentDelta) == "ok"
     assert len(fake.requests) == 2
 
 
@@ -675,7 +669,7 @@ def test_environment_names_the_default_server_and_key(fake, monkeypatch):
     fake.script(answer("ok"))
 
     provider, model = resolve_model("anthropic:claude-test")
-    assert texts(collect(provider), ContentDelta) == "ok"
+    assert kit.texts(collect(provider), ContentDelta) == "ok"
 
     assert model == "claude-test"
     assert isinstance(provider, AnthropicProvider)
@@ -735,22 +729,11 @@ def test_invalid_options_are_named(option, value):
 # Through the API ---------------------------------------------------------------------------
 
 
-def get_weather(city: str) -> str:
-    """Return today's weather for a city."""
-    return f"Sunny, 21 C in {city}"
-
-
 @pytest.fixture
 def anthropic_agent(fake):
-    agent = agent_runs.register_agent(
-        "anthropic_test_agent",
-        instructions="Answer weather questions.",
-        model="anthropic:claude-test",
-        model_options={"base_url": fake.url, "api_key": "test", "retry_delay": 0.01},
-        tools=[get_weather],
+    yield from kit.weather_agent(
+        "anthropic_test_agent", "anthropic:claude-test", {"base_url": fake.url, "api_key": "test"}
     )
-    yield agent
-    unregister_agent(agent.id)
 
 
 def weather_model(request):
@@ -839,29 +822,9 @@ def test_run_through_the_api_with_a_tool_round_trip(client, auth, fake, anthropi
     ]
 
 
-def sse_events(body: str) -> list[dict]:
-    return [
-        json.loads(line[len("data: ") :]) for line in body.splitlines() if line.startswith("data: ")
-    ]
-
-
 def test_streamed_run_through_the_api(client, auth, fake, anthropic_agent):
     fake.script(weather_model, weather_model)
-
-    response = client.post(
-        f"/api/agents/{anthropic_agent.id}/runs/stream",
-        json={"message": "Weather in Paris?"},
-        headers=auth,
-    )
-
-    events = sse_events(response.get_data(as_text=True))
-    kinds = [event["event"] for event in events]
-    assert kinds[0] == "START"
-    assert kinds[-1] == "STOP"
-    assert kinds.index("REASONING_DELTA") < kinds.index("TOOL_START") < kinds.index("TOOL_END")
-    assert kinds.index("TOOL_END") < kinds.index("CONTENT_DELTA")
-    content = "".join(e["data"] for e in events if e["event"] == "CONTENT_DELTA")
-    assert content == "The weather: Sunny, 21 C in Paris."
+    kit.check_streamed_weather_run(client, auth, anthropic_agent)
 
 
 def test_overloaded_model_through_the_api_fails_the_run(client, auth, fake, anthropic_agent):

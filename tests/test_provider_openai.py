@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-import agent_runs
 from agent_runs.providers.base import (
     ContentDelta,
     FinishDelta,
@@ -21,16 +20,13 @@ from agent_runs.providers.base import (
     resolve_model,
 )
 from agent_runs.providers.openai import OpenAIProvider
-from agent_runs.runtime.agents import unregister_agent
 
+from . import provider_kit as kit
 from .fake_openai import Error, FakeOpenAI, answer, chunk, stream, tool_call, usage_chunk
+from .provider_kit import PNG_BASE64
+from .sse import parse_stream
 
 API_KEY = "sk-test-secret-0123456789"
-# A 1x1 PNG.
-PNG_BASE64 = (
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAC"
-    "hwGA60e6kgAAAABJRU5ErkJggg=="
-)
 
 
 @pytest.fixture
@@ -52,11 +48,7 @@ def ask(text="Hello", **kwargs):
 
 
 def collect(provider, request=None):
-    return list(provider.stream(request or ask()))
-
-
-def texts(deltas, kind):
-    return "".join(d.text for d in deltas if isinstance(d, kind))
+    return kit.collect(provider, request or ask())
 
 
 # Streaming ---------------------------------------------------------------------------------
@@ -140,7 +132,7 @@ def test_reasoning_content_and_reasoning_fields(fake):
         ReasoningDelta("Ollama and OpenRouter "),
         ReasoningDelta("once."),
     ]
-    assert texts(deltas, ContentDelta) == "The answer."
+    assert kit.texts(deltas, ContentDelta) == "The answer."
     # Reasoning comes before the answer, as the model said it.
     assert isinstance(deltas[0], ReasoningDelta)
 
@@ -160,8 +152,8 @@ def test_think_tags_split_across_chunks(fake):
 
     deltas = collect(provider_for(fake))
 
-    assert texts(deltas, ReasoningDelta) == "\nThe user wants 2+2."
-    assert texts(deltas, ContentDelta) == "It is 4; 1 < 2 <t"
+    assert kit.texts(deltas, ReasoningDelta) == "\nThe user wants 2+2."
+    assert kit.texts(deltas, ContentDelta) == "It is 4; 1 < 2 <t"
     # No delta carries a piece of a tag, and reasoning is streamed as it comes, not at the end.
     assert not any("<th" in d.text or "ink>" in d.text for d in deltas if hasattr(d, "text"))
     assert deltas[0] == ReasoningDelta("\nThe user")
@@ -261,7 +253,10 @@ def test_request_body_translates_messages_tools_and_options(fake):
             "role": "user",
             "content": [
                 {"type": "text", "text": "And these?"},
-                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_BASE64}"}},
+                {
+                    "type": "image_url",
+                    "image_url": {"url": f"data:image/png;base64,{PNG_BASE64}"},
+                },
                 {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
             ],
         },
@@ -315,7 +310,7 @@ def test_rate_limited_then_success_is_retried(fake):
     started = time.monotonic()
     deltas = collect(provider_for(fake))
 
-    assert texts(deltas, ContentDelta) == "ok"
+    assert kit.texts(deltas, ContentDelta) == "ok"
     assert len(fake.requests) == 2
     # The server asked for 0.2 s; the provider waited that long, not its own short delay.
     assert time.monotonic() - started >= 0.15
@@ -375,7 +370,7 @@ def test_connection_cut_before_output_is_retried(fake):
 
     deltas = collect(provider_for(fake))
 
-    assert texts(deltas, ContentDelta) == "ok"
+    assert kit.texts(deltas, ContentDelta) == "ok"
     assert len(fake.requests) == 2
 
 
@@ -437,7 +432,7 @@ def test_environment_names_the_default_server_and_key(fake, monkeypatch):
     fake.script(answer("ok"))
 
     provider, model = resolve_model("openai:test-model")
-    assert texts(collect(provider), ContentDelta) == "ok"
+    assert kit.texts(collect(provider), ContentDelta) == "ok"
 
     assert model == "test-model"
     assert fake.headers[0]["authorization"] == "Bearer sk-from-the-environment"
@@ -500,22 +495,11 @@ def test_invalid_options_are_named():
 # Through the API ---------------------------------------------------------------------------
 
 
-def get_weather(city: str) -> str:
-    """Return today's weather for a city."""
-    return f"Sunny, 21 C in {city}"
-
-
 @pytest.fixture
 def openai_agent(fake):
-    agent = agent_runs.register_agent(
-        "openai_test_agent",
-        instructions="Answer weather questions.",
-        model="openai:test-model",
-        model_options={"base_url": fake.url + "/v1", "api_key": API_KEY, "retry_delay": 0.01},
-        tools=[get_weather],
+    yield from kit.weather_agent(
+        "openai_test_agent", "openai:test-model", {"base_url": fake.url + "/v1", "api_key": API_KEY}
     )
-    yield agent
-    unregister_agent(agent.id)
 
 
 def weather_model(request):
@@ -582,29 +566,9 @@ def test_run_through_the_api_with_a_tool_round_trip(client, auth, fake, openai_a
     ]
 
 
-def sse_events(body: str) -> list[dict]:
-    return [
-        json.loads(line[len("data: ") :]) for line in body.splitlines() if line.startswith("data: ")
-    ]
-
-
 def test_streamed_run_through_the_api(client, auth, fake, openai_agent):
     fake.script(weather_model, weather_model)
-
-    response = client.post(
-        f"/api/agents/{openai_agent.id}/runs/stream",
-        json={"message": "Weather in Paris?"},
-        headers=auth,
-    )
-
-    events = sse_events(response.get_data(as_text=True))
-    kinds = [event["event"] for event in events]
-    assert kinds[0] == "START"
-    assert kinds[-1] == "STOP"
-    assert kinds.index("REASONING_DELTA") < kinds.index("TOOL_START") < kinds.index("TOOL_END")
-    assert kinds.index("TOOL_END") < kinds.index("CONTENT_DELTA")
-    content = "".join(e["data"] for e in events if e["event"] == "CONTENT_DELTA")
-    assert content == "The weather: Sunny, 21 C in Paris."
+    kit.check_streamed_weather_run(client, auth, openai_agent)
 
 
 def test_model_failure_through_the_api_fails_the_run(client, auth, fake, openai_agent):
@@ -633,13 +597,13 @@ def test_cancelling_a_run_closes_the_model_stream(app, client, auth, fake, opena
     frames = iter(response.response)
     run_id = None
     for frame in frames:
-        event = sse_events(frame.decode())
+        event = parse_stream(frame.decode())
         if event and event[0]["event"] == "START":
             run_id = json.loads(event[0]["data"])["runId"]
         if event and event[0]["event"] == "CONTENT_DELTA":
             break
     app.extensions["agent_runs"].executor.cancel(run_id)
-    rest = sse_events(b"".join(frames).decode())
+    rest = parse_stream(b"".join(frames).decode())
     response.close()
 
     assert rest[-1]["event"] == "STOP"
