@@ -176,7 +176,7 @@ class Statement:
 
     def execute(self, **values: Any) -> Any:
         """Run the statement; return the database cursor."""
-        return database.execute_sql(self._compile().sql, self.params(values))
+        return database.execute_sql(self.sql, self.params(values))
 
     def rows(self, **values: Any) -> list[dict[str, Any]]:
         """Run the statement; return its rows as dicts of the fields' Python values."""
@@ -191,10 +191,23 @@ class Statement:
 
     def execute_many(self, rows: list[dict[str, Any]]) -> None:
         """Run the statement once for each row of values, as one prepared statement."""
-        sql = self._compile().sql
+        self.execute_rows([self.params(row) for row in rows])
+
+    @property
+    def sql(self) -> str:
+        return self._compile().sql
+
+    @property
+    def param_names(self) -> tuple[str | None, ...]:
+        """The names of the values the SQL takes, in order (None for a constant)."""
+        return tuple(p.name if isinstance(p, _Slot) else None for p in self._compile().params)
+
+    def execute_rows(self, rows: list[Any]) -> None:
+        """Run the statement for each row of parameters, already in :attr:`param_names` order
+        and converted: for the event log, whose rows are tuples made once per event."""
         # The wrapper turns the driver's errors into peewee's, whatever the driver.
         with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
-            database.cursor().executemany(sql, [self.params(row) for row in rows])
+            database.cursor().executemany(self.sql, rows)
 
 
 def _reader(field: peewee.Field) -> Callable[[Any], Any] | None:

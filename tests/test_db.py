@@ -116,3 +116,18 @@ def test_aliased_fields_come_back_by_alias_as_python_values(app):
     with database.connection_context():
         Session.create(uid="s", org_id="o", user_id="u", agent_id="a", created_at=now)
         assert select.rows(uid="s") == [{"at": now}]
+
+
+def test_event_rows_are_in_the_order_the_event_insert_takes_them(app):
+    from agent_runs.runtime.events import INSERT_EVENT, Event, event_row
+
+    event = Event("run_x", 7, "STOP", "{}", 123)
+    with database.connection_context():
+        names = INSERT_EVENT.param_names
+    assert dict(zip(names, event_row(event), strict=True)) == {
+        "run": "run_x",
+        "seq": 7,
+        "type": "STOP",
+        "data": "{}",
+        "timestamp": 123,
+    }

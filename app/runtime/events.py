@@ -23,7 +23,7 @@ import gevent
 import gevent.event
 import peewee
 
-from ..db import database
+from ..db import Statement, database
 from ..models import RunEvent
 
 logger = logging.getLogger(__name__)
@@ -103,12 +103,13 @@ class RunChannel:
     the run has ended and its last follower has left: by then everything is in the log.
     """
 
-    def __init__(self, run_id: str, first_seq: int = 1) -> None:
+    def __init__(self, run_id: str, first_seq: int = 1, written: Event | None = None) -> None:
+        """``written``: the run's event ``first_seq``, already in the log (a new run's START)."""
         self.run_id = run_id
         self.first_seq = first_seq
-        self.frames: list[bytes] = []
+        self.frames: list[bytes] = [written.frame] if written is not None else []
         self.closed = False
-        self._next_seq = first_seq
+        self._next_seq = first_seq + len(self.frames)
         self._changed = gevent.event.Event()
 
     def make_event(self, type: str, data: str) -> Event:
@@ -123,7 +124,6 @@ class RunChannel:
     def publish(self, events: list[Event]) -> None:
         """Add written events (the run's next ones, in order) and wake the streams waiting."""
         self.frames.extend(event.frame for event in events)
-        self._next_seq = max(self._next_seq, events[-1].seq + 1)
         if events[-1].is_final:
             self.closed = True
         self._wake()
@@ -233,7 +233,7 @@ class EventLog:
             batch = self._take_batch()
             if not batch:
                 return False
-            rows = [(e.run_id, e.seq, e.type, e.data, e.timestamp) for e, _, _ in batch]
+            rows = [event_row(event) for event, _, _ in batch]
             endings = [ending for _, _, ending in batch if ending is not None]
             try:
                 with database.connection_context(), database.atomic():
@@ -305,52 +305,36 @@ def _insert_events(rows: list[tuple[str, int, str, str, int]]) -> None:
     A refused row (its run deleted meanwhile) must not hold back every later event, so
     after a refusal the batch goes in row by row, each in its own savepoint.
     """
-    sql = _insert_sql()
     try:
-        # The wrapper turns the driver's errors into peewee's, whatever the driver.
-        with database.atomic(), peewee.__exception_wrapper__:  # type: ignore[attr-defined]
-            database.cursor().executemany(sql, rows)
+        with database.atomic():
+            INSERT_EVENT.execute_rows(rows)
         return
     except peewee.IntegrityError:
         pass
     for row in rows:
         try:
             with database.atomic():
-                database.execute_sql(sql, row)
+                INSERT_EVENT.execute_rows([row])
         except peewee.IntegrityError:
             logger.warning("dropped event %s of run %s: the database refused it", row[1], row[0])
 
 
-_insert_statement: tuple[int, str] | None = None
+# One event, ignored if already stored. Its rows are (run, seq, type, data, timestamp) tuples,
+# the order of RunEvent's fields and of the SQL's parameters.
+INSERT_EVENT = Statement(
+    lambda run, seq, type, data, timestamp: RunEvent.insert(
+        run=run, seq=seq, type=type, data=data, timestamp=timestamp
+    ).on_conflict_ignore()
+)
 
 
-def _insert_sql() -> str:
-    """Return the database's INSERT for one event, ignoring one already stored."""
-    global _insert_statement
-    if _insert_statement is None or _insert_statement[0] != id(database.obj):
-        query = (
-            RunEvent.insert_many(
-                [("", 0, "", "", 0)],
-                fields=[
-                    RunEvent.run,
-                    RunEvent.seq,
-                    RunEvent.type,
-                    RunEvent.data,
-                    RunEvent.timestamp,
-                ],
-            )
-            .on_conflict_ignore()
-            .as_rowcount()
-        )
-        _insert_statement = (id(database.obj), query.sql()[0])
-    return _insert_statement[1]
+def event_row(event: Event) -> tuple[str, int, str, str, int]:
+    return (event.run_id, event.seq, event.type, event.data, event.timestamp)
 
 
 def write_event(event: Event) -> None:
     """Insert one event now, in the caller's transaction (a run's START, written with it)."""
-    database.execute_sql(
-        _insert_sql(), (event.run_id, event.seq, event.type, event.data, event.timestamp)
-    )
+    INSERT_EVENT.execute_rows([event_row(event)])
 
 
 def publish(written: list[_Pending]) -> None:

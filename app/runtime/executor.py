@@ -36,6 +36,7 @@ from .events import (
     RunChannel,
     json_data,
     now_ms,
+    write_event,
 )
 from .loop import AgentLoop, RunCancelled, RunPaused, Usage
 
@@ -136,10 +137,8 @@ class Executor:
         has room for it.
         """
         self._ensure_services()
-        active = ActiveRun(job, RunChannel(job.run_id, job.first_seq))
+        active = ActiveRun(job, RunChannel(job.run_id, job.first_seq, written=start_event))
         self.active[job.run_id] = active
-        if start_event is not None:
-            active.channel.publish([start_event])
         if background:
             self._queue.put(active)
         else:
@@ -308,7 +307,8 @@ class Executor:
             messages = []
         now = utcnow()
         paused = outcome.status == RunStatus.PAUSED
-        changes: dict[str, Any] = dict(
+        result: dict[str, Any] = dict(
+            run_id=job.run_id,
             status=outcome.status,
             content=loop.answer,
             reasoning_steps=loop.reasoning_steps,
@@ -326,7 +326,7 @@ class Executor:
         )
 
         ending = RunEnding(
-            outcome={"run_id": job.run_id, **changes},
+            outcome=result,
             messages=message_rows(job.session_pk, job.run_id, messages, now),
             release=None
             if paused
@@ -596,9 +596,7 @@ def close_run_log(run_id: str, type: str, data: str) -> None:
         .order_by(RunEvent.seq.desc())
         .first()
     )
-    RunEvent.insert(
-        run=run_id, seq=(last.seq if last else 0) + 1, type=type, data=data, timestamp=now_ms()
-    ).execute()
+    write_event(Event(run_id, (last.seq if last else 0) + 1, type, data, now_ms()))
 
 
 def sweep_expired_runs() -> list[str]:

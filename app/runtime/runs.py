@@ -17,7 +17,7 @@ import peewee
 from peewee import fn
 
 from ..db import Statement, database, insert_statement
-from ..models import Message, Run, RunEvent, RunStatus, Session, utcnow
+from ..models import Run, RunEvent, RunStatus, Session, utcnow
 from ..providers.base import resolve_model
 from .agents import Agent, AgentRegistry
 from .events import Event, EventType, json_data, now_ms, write_event
@@ -168,9 +168,6 @@ _INSERT_RUN = insert_statement(
         Run.lease_expires_at,
     ],
 )
-_INSERT_MESSAGE = insert_statement(
-    Message, [Message.session, Message.run, Message.role, Message.content, Message.created_at]
-)
 
 
 def _claim_session(
@@ -274,9 +271,7 @@ def start_run(
             started_at=None if background else now,
             lease_expires_at=lease_deadline(executor.settings.lease_seconds),
         )
-        _INSERT_MESSAGE.execute(
-            session=session_pk, run=run_id, role="user", content=body["message"], created_at=now
-        )
+        save_messages(session_pk, run_id, [{"role": "user", "content": body["message"]}], now)
         # START is written with the run, so its streams get their first event at once.
         start = Event(
             run_id, 1, EventType.START, json_data({"runId": run_id, "sessionId": uid}), now_ms()
