@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import hmac
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from marshmallow import ValidationError
 
 from .db import Statement
 from .errors import ApiError
 from .models import ApiToken, utcnow
 from .runtime.runs import Principal
+from .schemas import text
+
+# The longest organisation or user id the tables hold (their columns' max_length).
+MAX_ID_LENGTH = 128
 
 TOKEN_PREFIX = "ar_"
 SCOPES = ("runs:read", "runs:write", "admin")
@@ -116,7 +120,6 @@ def authenticate(authorization: str | None, jwt_settings: JWTSettings | None = N
 _TOKEN_BY_HASH = Statement(
     lambda digest: ApiToken.select(
         ApiToken.id,
-        ApiToken.token_hash,
         ApiToken.org_id,
         ApiToken.user_id,
         ApiToken.scopes,
@@ -132,8 +135,6 @@ def _from_api_token(secret: str) -> Principal:
     token = found[0] if found else None
     if (
         token is None
-        # The lookup found it by digest; compare again in constant time all the same.
-        or not hmac.compare_digest(token["token_hash"], digest)
         or token["revoked_at"] is not None
         or (token["expires_at"] is not None and token["expires_at"] <= utcnow())
     ):
@@ -161,18 +162,49 @@ def _from_jwt(encoded: str, settings: JWTSettings) -> Principal:
         raise unauthorized("The bearer token has expired.") from None
     except jwt.InvalidTokenError as error:
         raise unauthorized(f"The bearer token is not valid: {error}.") from None
-    org_id = claims.get(settings.org_claim)
-    if not isinstance(org_id, str) or not org_id:
+    org_id = _claimed_id(claims, settings.org_claim)
+    if org_id is None:
         raise unauthorized(f"The bearer token has no {settings.org_claim!r} claim.")
-    user_id = claims.get(settings.user_claim)
+    user_id = _claimed_id(claims, settings.user_claim)
     raw_scopes = claims.get(settings.scopes_claim, " ".join(DEFAULT_SCOPES))
-    scopes = raw_scopes.split() if isinstance(raw_scopes, str) else list(raw_scopes or ())
+    if isinstance(raw_scopes, str):
+        scopes = raw_scopes.split()
+    elif isinstance(raw_scopes, list) and all(isinstance(s, str) for s in raw_scopes):
+        scopes = raw_scopes
+    else:
+        raise unauthorized(
+            f"The bearer token's {settings.scopes_claim!r} claim must be a string or a list "
+            "of strings."
+        )
     return Principal(
         org_id=org_id,
-        user_id=str(user_id) if user_id else None,
-        scopes=frozenset(str(scope) for scope in scopes),
+        user_id=user_id,
+        scopes=frozenset(scopes),
         subject=f"jwt:{org_id}:{user_id or ''}",
     )
+
+
+def _claimed_id(claims: Mapping[str, Any], claim: str) -> str | None:
+    """An organisation or user id from a JWT claim (a number is taken as its digits); None if
+    absent or empty. An id the database could not store answers 401, not a failure later."""
+    value = claims.get(claim)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise unauthorized(f"The bearer token's {claim!r} claim must be a string.")
+    value = str(value)
+    try:
+        text(value)
+    except ValidationError:
+        valid = False
+    else:
+        valid = len(value) <= MAX_ID_LENGTH
+    if not valid:
+        raise unauthorized(
+            f"The bearer token's {claim!r} claim must be at most {MAX_ID_LENGTH} characters "
+            "of valid text."
+        )
+    return value
 
 
 def require_scope(principal: Principal, scope: str) -> None:

@@ -145,6 +145,15 @@ def test_jwt_claims_map_to_org_user_and_scopes(jwt_app):
         ({"org_id": "acme", "iss": "https://evil.example"}, SECRET, "issuer"),
         ({"sub": "alice"}, SECRET, "org_id"),
         ({"org_id": "acme"}, "another-secret-that-is-long-enough-too", "Signature"),
+        # Claims of the wrong shape, or ids no table could hold: 401, never a 500 later.
+        ({"org_id": "acme", "scope": 5}, SECRET, "'scope' claim must be"),
+        ({"org_id": "acme", "scope": ["runs:read", 7]}, SECRET, "'scope' claim must be"),
+        ({"org_id": ["acme"]}, SECRET, "'org_id' claim must be a string"),
+        ({"org_id": True}, SECRET, "'org_id' claim must be a string"),
+        ({"org_id": "\ud800"}, SECRET, "valid text"),
+        ({"org_id": "acme\x00"}, SECRET, "valid text"),
+        ({"org_id": "a" * 129}, SECRET, "at most 128"),
+        ({"org_id": "acme", "sub": {"id": 1}}, SECRET, "must be a string"),
     ],
 )
 def test_bad_jwts_are_401(jwt_app, claims, key, says):
