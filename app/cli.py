@@ -15,6 +15,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup, FlaskGroup
 
+from .auth import SCOPES
 from .db import database
 
 DEFAULT_BIND = "127.0.0.1:8080"
@@ -46,9 +47,13 @@ def _duration(text: str) -> datetime.timedelta:
     """Parse a duration such as 90s, 15m, 12h or 30d."""
     units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
     number, unit = text[:-1], text[-1:]
-    if unit not in units or not number.isdigit() or int(number) == 0:
-        raise click.BadParameter(f"{text!r} is not a duration like 90s, 15m, 12h or 30d")
-    return datetime.timedelta(**{units[unit]: int(number)})
+    # ASCII digits only: str.isdigit() accepts "²", which int() refuses.
+    if unit in units and number.isascii() and number.isdigit() and int(number) > 0:
+        try:
+            return datetime.timedelta(**{units[unit]: int(number)})
+        except OverflowError:
+            pass
+    raise click.BadParameter(f"{text!r} is not a duration like 90s, 15m, 12h or 30d")
 
 
 @tokens.command("create")
@@ -59,7 +64,7 @@ def _duration(text: str) -> datetime.timedelta:
     "--scope",
     "scopes",
     multiple=True,
-    type=click.Choice(["runs:read", "runs:write", "admin"]),
+    type=click.Choice(SCOPES),
     help="What the token may do (repeat; default runs:read and runs:write).",
 )
 @click.option("--expires-in", default=None, help="Make the token expire, e.g. 12h or 30d.")

@@ -1,5 +1,7 @@
 """The agent-runs command: tokens and agents."""
 
+import pytest
+
 from agent_runs.db import database
 from agent_runs.models import ApiToken
 
@@ -45,3 +47,10 @@ def test_agents_lists_the_agents(app, runner):
     result = runner.invoke(cli, ["agents"])
     assert result.exit_code == 0
     assert "finance_agent\tscripted\tget_stock_price, calculate" in result.output
+
+
+@pytest.mark.parametrize("duration", ["0h", "12", "h", "²h", "-5m", "1.5h", "99999999999999d"])
+def test_tokens_create_refuses_what_is_not_a_duration(app, runner, duration):
+    result = runner.invoke(args=["tokens", "create", "--org", "acme", "--expires-in", duration])
+    assert result.exit_code == 2, result.output
+    assert "is not a duration like 90s" in result.output
