@@ -44,7 +44,6 @@ import base64
 import binascii
 import inspect
 import json
-import random
 import sys
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -65,12 +64,17 @@ from .base import (
     UsageDelta,
 )
 from .sdk import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_RETRY_DELAY,
+    RETRY_STATUSES,
+    StreamTruncated,
+    backoff,
     display_url,
     endpoint,
+    failure_message,
     option_number,
-    retry_after,
+    shared_client,
     stream_with_retries,
-    trio_hidden,
 )
 
 ANTHROPIC_BASE_URL = "https://api.anthropic.com"
@@ -78,12 +82,8 @@ ANTHROPIC_BASE_URL = "https://api.anthropic.com"
 NO_KEY = "no-key"
 
 DEFAULT_TIMEOUT = 300.0
-DEFAULT_MAX_RETRIES = 2
-DEFAULT_RETRY_DELAY = 0.5
 DEFAULT_MAX_TOKENS = 4096
 MIN_THINKING_BUDGET = 1024
-MAX_RETRY_DELAY = 20.0
-RETRY_STATUSES = frozenset({408, 409, 429})
 # The types of an error event in a stream that a new attempt may cure.
 RETRY_ERROR_TYPES = frozenset(
     {"overloaded_error", "api_error", "rate_limit_error", "timeout_error"}
@@ -122,20 +122,8 @@ _http = _http_library()
 NetworkError: type[Exception] = _http.TransportError
 TIMEOUT_ERRORS: tuple[type[Exception], ...] = (anthropic.APITimeoutError, _http.TimeoutException)
 
-# One client per (base_url, api_key), shared by every run of this process.
-_clients: dict[tuple[str, str], anthropic.Anthropic] = {}
 # tool call id -> the thinking blocks of the answer that made the call, as the API sent them.
 _thinking: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
-
-
-def _client(base_url: str, api_key: str) -> anthropic.Anthropic:
-    key = (base_url, api_key)
-    client = _clients.get(key)
-    if client is None:
-        with trio_hidden():
-            client = anthropic.Anthropic(base_url=base_url, api_key=api_key, max_retries=0)
-        client = _clients.setdefault(key, client)
-    return client
 
 
 class AnthropicProvider:
@@ -175,12 +163,12 @@ class AnthropicProvider:
         """Call the model and yield its deltas, retrying failures that happen before output."""
         if self.missing_key:
             raise ProviderError(self.missing_key)
-        client = _client(self.base_url, self.api_key or NO_KEY)
+        client = shared_client(anthropic.Anthropic, self.base_url, self.api_key or NO_KEY)
         params = self._params(request)
         yield from stream_with_retries(
             lambda: client.messages.create(**params),
             _read_stream,
-            retry_on=(anthropic.APIError, _StreamTruncated, NetworkError),
+            retry_on=(anthropic.APIError, StreamTruncated, NetworkError),
             # ValueError: an event that is not JSON, i.e. not the Messages API.
             fail_on=(anthropic.AnthropicError, ValueError),
             retryable=_retryable,
@@ -214,19 +202,12 @@ class AnthropicProvider:
         return params
 
     def _backoff(self, attempt: int, error: Exception) -> float:
-        """Seconds to wait before the next attempt: what the server asks, else exponential."""
-        asked = None
-        if isinstance(error, anthropic.APIStatusError):
-            asked = retry_after(error.response.headers)
-        if asked is not None:
-            return min(asked, MAX_RETRY_DELAY)
-        delay = min(self.retry_delay * 2**attempt, MAX_RETRY_DELAY)
-        # Jitter, so runs that failed together do not all come back at once.
-        return delay * random.uniform(0.75, 1.0)
+        """Seconds to wait before the next attempt (see sdk.backoff)."""
+        headers = error.response.headers if isinstance(error, anthropic.APIStatusError) else None
+        return backoff(self.retry_delay, attempt, headers)
 
     def _describe(self, error: Exception, *, after_output: bool) -> str:
         """Say what went wrong, without the API key."""
-        where = f"{self.model} at {display_url(self.base_url)}"
         if isinstance(error, anthropic.APIStatusError):
             kind, message = _error_body(error)
             if error.status_code >= 400:
@@ -242,16 +223,9 @@ class AnthropicProvider:
             detail = f"connection failed ({error})"
         else:
             detail = str(error) or type(error).__name__
-        if after_output:
-            detail = f"the stream broke after output had started: {detail}"
-        message = f"Model call to {where} failed: {detail}"
-        if len(self.api_key) >= 8:
-            message = message.replace(self.api_key, "***")
-        return message[:1000]
-
-
-class _StreamTruncated(Exception):
-    """The server ended the stream without saying the answer was finished."""
+        return failure_message(
+            self.model, self.base_url, self.api_key, detail, after_output=after_output
+        )
 
 
 def _retryable(error: Exception) -> bool:
@@ -259,7 +233,7 @@ def _retryable(error: Exception) -> bool:
         if error.status_code < 400:
             return _error_body(error)[0] in RETRY_ERROR_TYPES
         return error.status_code in RETRY_STATUSES or error.status_code >= 500
-    return isinstance(error, (anthropic.APIConnectionError, _StreamTruncated, NetworkError))
+    return isinstance(error, (anthropic.APIConnectionError, StreamTruncated, NetworkError))
 
 
 def _error_body(error: anthropic.APIStatusError) -> tuple[str | None, str]:
@@ -464,7 +438,7 @@ def _read_stream(events: Any) -> Iterator[Delta]:
             input_tokens = _input_tokens(usage) or input_tokens
             output_tokens = getattr(usage, "output_tokens", None) or output_tokens
     if stop_reason is None:
-        raise _StreamTruncated("the stream ended before the model finished its answer")
+        raise StreamTruncated("the stream ended before the model finished its answer")
     if tool_ids and thinking:
         _remember_thinking(tool_ids, [thinking[index] for index in sorted(thinking)])
     yield UsageDelta(input_tokens=input_tokens, output_tokens=output_tokens)

@@ -42,7 +42,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import random
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -61,12 +60,17 @@ from .base import (
     UsageDelta,
 )
 from .sdk import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_RETRY_DELAY,
+    RETRY_STATUSES,
+    StreamTruncated,
+    backoff,
     display_url,
     endpoint,
+    failure_message,
     option_number,
-    retry_after,
+    shared_client,
     stream_with_retries,
-    trio_hidden,
 )
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -75,24 +79,7 @@ OLLAMA_BASE_URL = "http://localhost:11434/v1"
 NO_KEY = "no-key"
 
 DEFAULT_TIMEOUT = 300.0
-DEFAULT_MAX_RETRIES = 2
-DEFAULT_RETRY_DELAY = 0.5
-MAX_RETRY_DELAY = 20.0
-RETRY_STATUSES = frozenset({408, 409, 429})
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif"})
-
-# One client per (base_url, api_key), shared by every run of this process.
-_clients: dict[tuple[str, str], openai.OpenAI] = {}
-
-
-def _client(base_url: str, api_key: str) -> openai.OpenAI:
-    key = (base_url, api_key)
-    client = _clients.get(key)
-    if client is None:
-        with trio_hidden():
-            client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
-        client = _clients.setdefault(key, client)
-    return client
 
 
 class OpenAIProvider:
@@ -135,12 +122,12 @@ class OpenAIProvider:
         """Call the model and yield its deltas, retrying failures that happen before output."""
         if self.missing_key:
             raise ProviderError(self.missing_key)
-        client = _client(self.base_url, self.api_key or NO_KEY)
+        client = shared_client(openai.OpenAI, self.base_url, self.api_key or NO_KEY)
         params = self._params(request)
         yield from stream_with_retries(
             lambda: client.chat.completions.create(**params),
             _read_stream,
-            retry_on=(openai.APIError, _StreamTruncated),
+            retry_on=(openai.APIError, StreamTruncated),
             # ValueError: a chunk that is not JSON, i.e. not an OpenAI-compatible server.
             fail_on=(openai.OpenAIError, ValueError),
             retryable=_retryable,
@@ -168,17 +155,12 @@ class OpenAIProvider:
         return params
 
     def _backoff(self, attempt: int, error: Exception) -> float:
-        """Seconds to wait before the next attempt: what the server asks, else exponential."""
-        asked = _retry_after(error)
-        if asked is not None:
-            return min(asked, MAX_RETRY_DELAY)
-        delay = min(self.retry_delay * 2**attempt, MAX_RETRY_DELAY)
-        # Jitter, so runs that failed together do not all come back at once.
-        return delay * random.uniform(0.75, 1.0)
+        """Seconds to wait before the next attempt (see sdk.backoff)."""
+        headers = error.response.headers if isinstance(error, openai.APIStatusError) else None
+        return backoff(self.retry_delay, attempt, headers)
 
     def _describe(self, error: Exception, *, after_output: bool) -> str:
         """Say what went wrong, without the API key."""
-        where = f"{self.model} at {display_url(self.base_url)}"
         if isinstance(error, openai.APIStatusError):
             detail = f"HTTP {error.status_code}: {_error_message(error)}"
         elif isinstance(error, openai.APITimeoutError):
@@ -188,12 +170,9 @@ class OpenAIProvider:
             detail = f"connection failed ({cause or error})"
         else:
             detail = str(error) or type(error).__name__
-        if after_output:
-            detail = f"the stream broke after output had started: {detail}"
-        message = f"Model call to {where} failed: {detail}"
-        if len(self.api_key) >= 8:
-            message = message.replace(self.api_key, "***")
-        return message[:1000]
+        return failure_message(
+            self.model, self.base_url, self.api_key, detail, after_output=after_output
+        )
 
 
 def ollama(model: str, options: Mapping[str, Any] | None = None) -> OpenAIProvider:
@@ -201,21 +180,10 @@ def ollama(model: str, options: Mapping[str, Any] | None = None) -> OpenAIProvid
     return OpenAIProvider(model, options, default_base_url=OLLAMA_BASE_URL, default_api_key=NO_KEY)
 
 
-class _StreamTruncated(Exception):
-    """The server ended the stream without saying the answer was finished."""
-
-
 def _retryable(error: Exception) -> bool:
     if isinstance(error, openai.APIStatusError):
         return error.status_code in RETRY_STATUSES or error.status_code >= 500
-    return isinstance(error, (openai.APIConnectionError, _StreamTruncated))
-
-
-def _retry_after(error: Exception) -> float | None:
-    """Return the wait a 429/503 response asks for, in seconds, if it says."""
-    if not isinstance(error, openai.APIStatusError):
-        return None
-    return retry_after(error.response.headers)
+    return isinstance(error, (openai.APIConnectionError, StreamTruncated))
 
 
 def _error_message(error: openai.APIStatusError) -> str:
@@ -333,7 +301,7 @@ def _read_stream(chunks: Any) -> Iterator[Delta]:
                 finish = choice.finish_reason
     yield from think.flush()
     if finish is None:
-        raise _StreamTruncated("the stream ended before the model finished its answer")
+        raise StreamTruncated("the stream ended before the model finished its answer")
     if usage is not None:
         details = getattr(usage, "completion_tokens_details", None)
         yield UsageDelta(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email.utils
 import os
+import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -119,6 +120,57 @@ def endpoint(
             ),
         )
     return base_url, api_key, None
+
+
+DEFAULT_MAX_RETRIES = 2
+DEFAULT_RETRY_DELAY = 0.5
+# The longest wait between attempts, whatever a server asks for.
+MAX_RETRY_DELAY = 20.0
+# Statuses worth another attempt, besides every 5xx.
+RETRY_STATUSES = frozenset({408, 409, 429})
+
+
+class StreamTruncated(Exception):
+    """The server ended the stream without saying the answer was finished."""
+
+
+# One client per SDK, base URL and key, shared by every run of this process.
+_clients: dict[tuple[type, str, str], Any] = {}
+
+
+def shared_client(sdk_client: type, base_url: str, api_key: str) -> Any:
+    """Return the process's client of ``sdk_client`` for this server and key; the SDK's own
+    retries are off (stream_with_retries retries, and only before output)."""
+    key = (sdk_client, base_url, api_key)
+    client = _clients.get(key)
+    if client is None:
+        with trio_hidden():
+            client = sdk_client(base_url=base_url, api_key=api_key, max_retries=0)
+        client = _clients.setdefault(key, client)
+    return client
+
+
+def backoff(retry_delay: float, attempt: int, headers: Mapping[str, str] | None) -> float:
+    """Seconds to wait before the next attempt: what the response's ``headers`` ask for, else
+    exponential from ``retry_delay``, with jitter."""
+    asked = retry_after(headers) if headers is not None else None
+    if asked is not None:
+        return min(asked, MAX_RETRY_DELAY)
+    delay = min(retry_delay * 2**attempt, MAX_RETRY_DELAY)
+    # Jitter, so runs that failed together do not all come back at once.
+    return delay * random.uniform(0.75, 1.0)
+
+
+def failure_message(
+    model: str, base_url: str, api_key: str, detail: str, *, after_output: bool
+) -> str:
+    """The error of a failed model call: where it went and what happened, without the key."""
+    if after_output:
+        detail = f"the stream broke after output had started: {detail}"
+    message = f"Model call to {model} at {display_url(base_url)} failed: {detail}"
+    if len(api_key) >= 8:
+        message = message.replace(api_key, "***")
+    return message[:1000]
 
 
 class Describe(Protocol):
