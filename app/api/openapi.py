@@ -18,6 +18,7 @@ from .. import __version__
 from ..errors import PROBLEM_MIMETYPE
 from ..schemas import (
     ID_PATTERN,
+    MAX_EVENT_ID,
     AgentRunSchema,
     AgentSchema,
     AgentStreamEventSchema,
@@ -217,7 +218,7 @@ def build_document(app: Flask) -> dict[str, Any]:
         "name": "Last-Event-ID",
         "required": False,
         "description": "Resume after this event id (ignored when `after` is given).",
-        "schema": {"type": "string", "pattern": "^[0-9]+$", "maxLength": 18},
+        "schema": {"type": "string", "pattern": "^[0-9]+$", "maxLength": len(str(MAX_EVENT_ID))},
     }
     start_errors = (*BODY_ERRORS, 404, 409)
 
