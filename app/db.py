@@ -134,7 +134,9 @@ class Statement:
     per parameter it names and returns the query; :meth:`execute` runs its SQL with the
     values given by name. Values go to the driver as they are, except those ``convert``
     names, which go through the given function first (a JSON field's ``db_value``, say);
-    constants written in the query stay as they are.
+    constants written in the query stay as they are. :meth:`rows` reads each selected column
+    back as its field does, except those ``as_stored`` names, which keep the driver's value
+    for a caller that reads the stored form more cheaply itself.
     """
 
     def __init__(
@@ -142,10 +144,12 @@ class Statement:
         build: Callable[..., peewee.Query],
         convert: dict[str, Callable[[Any], Any]] | None = None,
         names: Iterable[str] | None = None,
+        as_stored: Iterable[str] = (),
     ) -> None:
         self._build = build
         self._names = tuple(names if names is not None else inspect.signature(build).parameters)
         self._convert = convert or {}
+        self._as_stored = frozenset(as_stored)
         self._compiled: _Compiled | None = None
 
     def _compile(self) -> _Compiled:
@@ -162,7 +166,13 @@ class Statement:
                 _column(column, index)
                 for index, column in enumerate(getattr(query, "_returning", None) or ())
             ]
-            self._compiled = _Compiled(db, sql, tuple(params), tuple(columns))
+            readers = tuple(
+                (name, read)
+                for name, read in columns
+                if read is not None and name not in self._as_stored
+            )
+            names = tuple(name for name, _ in columns)
+            self._compiled = _Compiled(db, sql, tuple(params), names, readers)
         return self._compiled
 
     def params(self, values: dict[str, Any]) -> list[Any]:
@@ -180,14 +190,14 @@ class Statement:
 
     def rows(self, **values: Any) -> list[dict[str, Any]]:
         """Run the statement; return its rows as dicts of the fields' Python values."""
-        columns = self._compile().columns
-        return [
-            {
-                name: convert(value) if convert is not None and value is not None else value
-                for (name, convert), value in zip(columns, row, strict=True)
-            }
-            for row in self.execute(**values).fetchall()
-        ]
+        compiled = self._compile()
+        names, readers = compiled.columns, compiled.readers
+        rows = [dict(zip(names, row, strict=True)) for row in self.execute(**values).fetchall()]
+        for name, read in readers:
+            for row in rows:
+                if (value := row[name]) is not None:
+                    row[name] = read(value)
+        return rows
 
     def execute_many(self, rows: list[dict[str, Any]]) -> None:
         """Run the statement once for each row of values, as one prepared statement."""
@@ -236,7 +246,9 @@ class _Compiled(NamedTuple):
     database: peewee.Database
     sql: str
     params: tuple[Any, ...]
-    columns: tuple[tuple[str, Callable[[Any], Any] | None], ...]
+    columns: tuple[str, ...]
+    # The columns read through their field, and how: the others come as the driver gives them.
+    readers: tuple[tuple[str, Callable[[Any], Any]], ...]
 
 
 def insert_statement(

@@ -81,10 +81,18 @@ class UTCDateTime(fields.DateTime):
         return utc_timestamp(value)
 
 
-def utc_timestamp(value: datetime.datetime | None) -> str | None:
-    """A stored (naive, UTC) time as the API writes it: ``2026-05-06T10:00:00Z``."""
+def utc_timestamp(value: datetime.datetime | str | None) -> str | None:
+    """A stored (naive, UTC) time as the API writes it: ``2026-05-06T10:00:00Z``.
+
+    Besides a datetime, takes the text SQLite stores one as (``2026-05-06 10:00:00.123456``),
+    so batch status can skip parsing a hundred runs' times only to print them again.
+    """
     if value is None:
         return None
+    if isinstance(value, str):
+        if len(value) in (19, 26) and value[10] == " " and value[19:20] in ("", "."):
+            return f"{value[:10]}T{value[11:19]}Z"
+        value = datetime.datetime.fromisoformat(value)
     if value.tzinfo is not None:
         value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
     return value.isoformat(timespec="seconds") + "Z"

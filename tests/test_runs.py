@@ -6,6 +6,8 @@ import pytest
 from playhouse.test_utils import count_queries
 
 import agent_runs
+from agent_runs.db import database
+from agent_runs.models import Run
 from agent_runs.runtime.agents import unregister_agent
 
 from .conftest import make_token
@@ -136,6 +138,22 @@ def test_batch_status_is_one_query_however_many_ids(client, auth):
         counts.append(counter.count)
     # One query authenticates the token, one reads the runs, whatever the number of ids.
     assert counts == [2, 2]
+
+
+def test_batch_status_agrees_with_the_stored_run_and_the_session_listing(client, auth):
+    for _ in range(2):
+        client.post(
+            "/api/agents/assistant/runs", headers=auth, json={"message": "hi", "sessionId": "s"}
+        )
+    listed = client.get("/api/sessions/s/runs", headers=auth).json["items"]
+    ids = ",".join(run["id"] for run in listed)
+    batch = client.get(f"/api/agents/assistant/runs/status?runIds={ids}", headers=auth).json
+    # Batch status prints the times SQLite stores as text; the listing reads them as datetimes.
+    assert batch == listed
+    with client.application.app_context(), database.connection_context():
+        stored = Run.get_by_id(listed[0]["id"])
+    assert batch[0]["createdAt"] == stored.created_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert batch[0]["completedAt"] == stored.completed_at.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,14 @@ def test_run_status_views_equal_the_schemas_dump(runs):
     assert run_status_views(runs) == AgentRunSchema(many=True).dump(runs)
 
 
+@given(times)
+def test_times_read_as_stored_are_written_like_datetimes(time):
+    # SQLite keeps a naive time as str(time); batch status prints that text without parsing it.
+    assert utc_timestamp(str(time)) == utc_timestamp(time)
+    assert utc_timestamp(time.isoformat()) == utc_timestamp(time)
+    assert utc_timestamp(time.isoformat() + "+00:00") == utc_timestamp(time)
+
+
 def test_times_are_written_in_utc_to_the_second():
     naive = datetime.datetime(2026, 5, 6, 10, 0, 0, 999_999)
     assert utc_timestamp(naive) == "2026-05-06T10:00:00Z"

@@ -487,5 +487,8 @@ def _statuses_statement(size: int, user_bound: bool) -> Statement:
         return statuses_of(principal).where(Run.id.in_(ids), Run.agent_id == slots["agent_id"])
 
     return Statement(
-        build, names=["org_id", "user_id", "agent_id", *(f"id{i}" for i in range(size))]
+        build,
+        names=["org_id", "user_id", "agent_id", *(f"id{i}" for i in range(size))],
+        # Status only prints its times: utc_timestamp reads SQLite's text form directly.
+        as_stored=["created_at", "started_at", "completed_at"],
     )
