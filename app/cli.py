@@ -153,6 +153,23 @@ def _gunicorn_config(explicit: str | None) -> str | None:
     return next((path for path in candidates if path and os.path.isfile(path)), None)
 
 
+def _curl_target(bind: str) -> tuple[str, str, str]:
+    """How curl reaches a server bound to ``bind``: the command, the URL's origin and a note.
+
+    A wildcard address is reached on loopback; port 0 is only known once gunicorn has bound
+    it, so the URL says PORT and the note says where gunicorn prints it.
+    """
+    if bind.startswith("unix:"):
+        return f"curl -N --unix-socket {shlex.quote(bind[5:])}", "http://localhost", ""
+    host, colon, port = bind.rpartition(":")
+    if not colon or not port.isdigit():
+        host, port = bind, "8000"  # gunicorn's port when the bind names a host alone
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)
+    if port == "0":
+        return "curl -N", f"http://{host}:PORT", " (PORT: what gunicorn picks, its 'Listening at')"
+    return "curl -N", f"http://{host}:{port}", ""
+
+
 def _announce_first_token(bind: str) -> None:
     """Create and print a token if the server has none, so a first run can be tried at once."""
     from .auth import create_token
@@ -163,13 +180,14 @@ def _announce_first_token(bind: str) -> None:
             return
         _, secret = create_token("default", name="created on first start")
     prefix = current_app.extensions["agent_runs"].config["AGENT_RUNS_URL_PREFIX"].rstrip("/")
-    url = f"http://{bind}{prefix}/agents/finance_agent/runs/stream"
+    curl, origin, note = _curl_target(bind)
+    url = f"{origin}{prefix}/agents/finance_agent/runs/stream"
     click.echo(
         "\nNo API token existed, so one was created for organisation 'default'.\n"
         "It is shown only this once:\n\n"
         f"    {secret}\n\n"
-        "Try a streaming run:\n\n"
-        f"    curl -N {url} \\\n"
+        f"Try a streaming run{note}:\n\n"
+        f"    {curl} {url} \\\n"
         f'      -H "Authorization: Bearer {secret}" \\\n'
         '      -H "Content-Type: application/json" \\\n'
         f"      -d {shlex.quote(EXAMPLE_MESSAGE)}\n"

@@ -7,7 +7,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 import requests
+
+from agent_runs.cli import _curl_target
 
 from .server import wait_until_serving
 
@@ -45,7 +48,8 @@ def test_serve_announces_a_first_token_once_and_serves_with_it(tmp_path):
     process, output, url = serve(tmp_path, env)
     try:
         [token] = set(re.findall(r"ar_[A-Za-z0-9_-]{20,}", output))
-        assert "curl -N http://127.0.0.1:0/api/agents/finance_agent/runs/stream" in output
+        # Port 0 is only known once gunicorn has bound it: the hint says where to read it.
+        assert "curl -N http://127.0.0.1:PORT/api/agents/finance_agent/runs/stream" in output
         assert f'-H "Authorization: Bearer {token}"' in output
         assert "Using worker: gevent" in output
         with requests.post(
@@ -62,6 +66,26 @@ def test_serve_announces_a_first_token_once_and_serves_with_it(tmp_path):
     process, output, _ = serve(tmp_path, env)
     stop(process)
     assert "ar_" not in output and "No API token existed" not in output
+
+
+@pytest.mark.parametrize(
+    "bind, command, origin",
+    [
+        ("127.0.0.1:8080", "curl -N", "http://127.0.0.1:8080"),
+        ("0.0.0.0:9000", "curl -N", "http://127.0.0.1:9000"),
+        ("[::]:9000", "curl -N", "http://[::1]:9000"),
+        ("[::1]:9000", "curl -N", "http://[::1]:9000"),
+        ("example.internal", "curl -N", "http://example.internal:8000"),
+        ("127.0.0.1:0", "curl -N", "http://127.0.0.1:PORT"),
+        (
+            "unix:/run/agent runs.sock",
+            "curl -N --unix-socket '/run/agent runs.sock'",
+            "http://localhost",
+        ),
+    ],
+)
+def test_the_first_token_hint_points_curl_where_the_server_listens(bind, command, origin):
+    assert _curl_target(bind)[:2] == (command, origin)
 
 
 def test_gunicorn_workers_freeze_what_the_application_loaded_and_collect_less_often(repo_root):
