@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import shlex
 import sys
 
@@ -156,17 +157,21 @@ def _gunicorn_config(explicit: str | None) -> str | None:
 def _curl_target(bind: str) -> tuple[str, str, str]:
     """How curl reaches a server bound to ``bind``: the command, the URL's origin and a note.
 
-    A wildcard address is reached on loopback; port 0 is only known once gunicorn has bound
-    it, so the URL says PORT and the note says where gunicorn prints it.
+    Reads the address as gunicorn does. A wildcard address is reached on loopback; a port
+    (0) or a socket (fd://) gunicorn is handed is only known to it, so the URL says PORT or
+    HOST:PORT and the note says where to look.
     """
     if bind.startswith("unix:"):
-        return f"curl -N --unix-socket {shlex.quote(bind[5:])}", "http://localhost", ""
-    host, colon, port = bind.rpartition(":")
+        path = re.split(r"unix:(?://)?", bind, maxsplit=1)[-1]
+        return f"curl -N --unix-socket {shlex.quote(path)}", "http://localhost", ""
+    if bind.startswith("fd://"):
+        return "curl -N", "http://HOST:PORT", " (HOST:PORT: where that socket listens)"
+    host, colon, port = bind.removeprefix("tcp://").rpartition(":")
     if not colon or not port.isdigit():
-        host, port = bind, "8000"  # gunicorn's port when the bind names a host alone
+        host, port = bind.removeprefix("tcp://"), "8000"  # gunicorn's port for a bare host
     host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)
     if port == "0":
-        return "curl -N", f"http://{host}:PORT", " (PORT: what gunicorn picks, its 'Listening at')"
+        return "curl -N", f"http://{host}:PORT", " (PORT: the port in gunicorn's 'Listening at:')"
     return "curl -N", f"http://{host}:{port}", ""
 
 
@@ -187,7 +192,7 @@ def _announce_first_token(bind: str) -> None:
         "It is shown only this once:\n\n"
         f"    {secret}\n\n"
         f"Try a streaming run{note}:\n\n"
-        f"    {curl} {url} \\\n"
+        f"    {curl} {shlex.quote(url)} \\\n"
         f'      -H "Authorization: Bearer {secret}" \\\n'
         '      -H "Content-Type: application/json" \\\n'
         f"      -d {shlex.quote(EXAMPLE_MESSAGE)}\n"

@@ -172,6 +172,10 @@ class Statement:
                 if read is not None and name not in self._as_stored
             )
             names = tuple(name for name, _ in columns)
+            if len(set(names)) != len(names):
+                raise ValueError(f"a Statement's columns need distinct names: {names}")
+            if unknown := self._as_stored - set(names):
+                raise ValueError(f"as_stored names columns the query does not select: {unknown}")
             self._compiled = _Compiled(db, sql, tuple(params), names, readers)
         return self._compiled
 

@@ -90,9 +90,17 @@ def utc_timestamp(value: datetime.datetime | str | None) -> str | None:
     if value is None:
         return None
     if isinstance(value, str):
-        if len(value) in (19, 26) and value[10] == " " and value[19:20] in ("", "."):
+        if value[10:11] == " " and (
+            len(value) == 19 or (len(value) == 26 and value[19] == "." and value[20:].isdigit())
+        ):
             return f"{value[:10]}T{value[11:19]}Z"
-        value = datetime.datetime.fromisoformat(value)
+        try:
+            # Any other ISO 8601 form (written by another tool, say); Python 3.10's parser
+            # does not take a "Z" for UTC.
+            parsed = datetime.datetime.fromisoformat(value.removesuffix("Z"))
+        except ValueError:
+            return value  # not a time at all: shown as stored rather than failing the request
+        value = parsed
     if value.tzinfo is not None:
         value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
     return value.isoformat(timespec="seconds") + "Z"

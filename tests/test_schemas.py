@@ -2,6 +2,7 @@
 
 import datetime
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,6 +48,24 @@ def test_times_read_as_stored_are_written_like_datetimes(time):
     assert utc_timestamp(str(time)) == utc_timestamp(time)
     assert utc_timestamp(time.isoformat()) == utc_timestamp(time)
     assert utc_timestamp(time.isoformat() + "+00:00") == utc_timestamp(time)
+    assert utc_timestamp(time.isoformat() + "Z") == utc_timestamp(time)
+
+
+@pytest.mark.parametrize(
+    "stored, written",
+    [
+        ("2026-05-06 10:00:00", "2026-05-06T10:00:00Z"),
+        ("2026-05-06 10:00:00.999999", "2026-05-06T10:00:00Z"),
+        # Offsets, however short, are converted, not cut off.
+        ("2026-05-06 10:00:00.1+0500", "2026-05-06T05:00:00Z"),
+        ("2026-05-06 10:00:00.123+05", "2026-05-06T05:00:00Z"),
+        ("2026-05-06 10:00:00+05:00", "2026-05-06T05:00:00Z"),
+        ("2026-05-06T10:00:00Z", "2026-05-06T10:00:00Z"),
+        ("not a time", "not a time"),
+    ],
+)
+def test_stored_text_times(stored, written):
+    assert utc_timestamp(stored) == written
 
 
 def test_times_are_written_in_utc_to_the_second():

@@ -82,6 +82,10 @@ def test_serve_announces_a_first_token_once_and_serves_with_it(tmp_path):
             "curl -N --unix-socket '/run/agent runs.sock'",
             "http://localhost",
         ),
+        ("tcp://0.0.0.0:9000", "curl -N", "http://127.0.0.1:9000"),
+        ("unix:///run/agent.sock", "curl -N --unix-socket /run/agent.sock", "http://localhost"),
+        ("unix://agent.sock", "curl -N --unix-socket agent.sock", "http://localhost"),
+        ("fd://3", "curl -N", "http://HOST:PORT"),
     ],
 )
 def test_the_first_token_hint_points_curl_where_the_server_listens(bind, command, origin):
