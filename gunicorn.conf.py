@@ -34,7 +34,8 @@ control_socket_disable = True
 
 
 def post_worker_init(worker):
-    """Make each worker's garbage collector cheap once the application is loaded.
+    """Make each worker's garbage collector cheap once the application is loaded, and its
+    event loop quicker to notice new requests.
 
     A worker holding a thousand streams holds a few hundred thousand live objects, and
     CPython's default thresholds ran a full collection over all of them every couple of
@@ -48,3 +49,13 @@ def post_worker_init(worker):
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 10)
+
+    # gevent runs the greenlets that became ready for at most the interpreter's switch
+    # interval before it polls for I/O again. When a thousand streams wake together, the
+    # default 5 ms made a new request (a status poll, a new stream) wait for whole rounds of
+    # them; at 1 ms, status answered in half the time (p50) while 1,000 streams ran, for the
+    # same CPU per event. (The interval also paces the GIL between threads; the worker's
+    # only threads are gevent's pool, running SQLite checkpoints and blocking calls.)
+    import sys
+
+    sys.setswitchinterval(0.001)

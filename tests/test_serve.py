@@ -92,16 +92,19 @@ def test_the_first_token_hint_points_curl_where_the_server_listens(bind, command
     assert _curl_target(bind)[:2] == (command, origin)
 
 
-def test_gunicorn_workers_freeze_what_the_application_loaded_and_collect_less_often(repo_root):
+def test_gunicorn_workers_freeze_the_application_collect_less_and_poll_sooner(repo_root):
     import gc
     import runpy
 
     settings = runpy.run_path(os.path.join(repo_root, "gunicorn.conf.py"))
-    thresholds = gc.get_threshold()
+    thresholds, interval = gc.get_threshold(), sys.getswitchinterval()
     try:
         settings["post_worker_init"](None)
         assert gc.get_freeze_count() > 0
         assert gc.get_threshold()[0] > thresholds[0]
+        # gevent polls for I/O at least this often while greenlets are ready to run.
+        assert sys.getswitchinterval() < interval
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+        sys.setswitchinterval(interval)
