@@ -166,18 +166,18 @@ _Pending = tuple[Event, "RunChannel | None", "_Ending | None"]
 
 
 # What one transaction of the event log writes at most. On SQLite the writer does not yield
-# while it writes, and the ends of runs written together cost 70-110 µs each (status,
-# messages and session, in three statements for all of them): when 1,000 runs ended
-# together, one transaction held the worker's event loop, every stream and request on it,
-# for ~100 ms. Bounded to 50 endings, a transaction holds it for ~5 ms of endings plus the
-# events written with them, and other greenlets run between transactions; a batch status
-# poll during 1,000 streams waited less (p90 24 -> 13-17 ms) for the same CPU per event.
-# Every commit rewrites the pages it touched, so events are bounded loosely: at 500 or
-# 1,000 per transaction the worker spent a fifth more CPU per streamed event than
+# while it writes, and a run's end costs ~150 µs (its status, messages and session): when
+# 1,000 runs ended together, one transaction held the worker's event loop, every stream and
+# request on it, for 150 ms. Bounded to 200 endings, a transaction holds it for ~30 ms of
+# endings plus the events written with them (a few µs each), and other greenlets run between
+# transactions. (At 50 endings, status polls waited less during 1,000 streams, but when
+# 5,000 runs ended the backlog cost a fifth more CPU per event and half again the memory.)
+# Every commit rewrites the pages it touched, so events are bounded loosely:
+# at 500 per transaction the worker spent a fifth more CPU per streamed event than
 # unbounded; 20,000 only keeps a backlog from becoming one transaction without end. (With a
 # PostgreSQL driver made cooperative by gevent, the writer yields at each statement instead.)
 MAX_EVENTS_PER_COMMIT = 20_000
-MAX_ENDINGS_PER_COMMIT = 50
+MAX_ENDINGS_PER_COMMIT = 200
 
 
 class EventLog:
