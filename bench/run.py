@@ -288,34 +288,13 @@ class Server:
                     cwd=self.folder,
                 )
                 self.token = created.stdout.strip().splitlines()[-1]
-            settings = GUNICORN_SETTINGS
-            argv = [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "--config",
-                str(GUNICORN_CONF),
-                "--worker-class",
-                settings["worker_class"],
-                "--workers",
-                str(settings["workers"]),
-                "--worker-connections",
-                str(settings["worker_connections"]),
-                "--backlog",
-                str(settings["backlog"]),
-                "--timeout",
-                str(settings["timeout"]),
-                "--graceful-timeout",
-                str(settings["graceful_timeout"]),
-                "--keep-alive",
-                str(settings["keepalive"]),
-                "--no-control-socket",
-                "--log-level",
-                "info",
-                "--bind",
-                "127.0.0.1:0",
-                self.app,
-            ]
+            argv = [sys.executable, "-m", "gunicorn", "--config", str(GUNICORN_CONF)]
+            for name, value in GUNICORN_SETTINGS.items():
+                # keepalive is --keep-alive on gunicorn's command line
+                flag = "--keep-alive" if name == "keepalive" else "--" + name.replace("_", "-")
+                argv += [flag, str(value)]
+            argv += ["--no-control-socket", "--log-level", "info", "--bind", "127.0.0.1:0"]
+            argv.append(self.app)
             with open(self.log_path, "wb") as log_file:
                 self.process = subprocess.Popen(
                     argv,
