@@ -55,7 +55,7 @@ def post_worker_init(worker):
     # default 5 ms made a new request (a status poll, a new stream) wait for whole rounds of
     # them; at 1 ms, status answered in half the time (p50) while 1,000 streams ran, for the
     # same CPU per event. (The interval also paces the GIL between threads; the worker's
-    # only threads are gevent's pool, running SQLite checkpoints and blocking calls.)
+    # threads, SQLite checkpoints and the embedded model, spend their time in C without it.)
     import sys
 
     sys.setswitchinterval(0.001)
