@@ -195,7 +195,7 @@ class Statement:
     def rows(self, **values: Any) -> list[dict[str, Any]]:
         """Run the statement; return its rows as dicts of the fields' Python values."""
         compiled = self._compile()
-        names, readers = compiled.columns, compiled.readers
+        names, readers = compiled.names, compiled.readers
         rows = [dict(zip(names, row, strict=True)) for row in self.execute(**values).fetchall()]
         for name, read in readers:
             for row in rows:
@@ -250,7 +250,8 @@ class _Compiled(NamedTuple):
     database: peewee.Database
     sql: str
     params: tuple[Any, ...]
-    columns: tuple[str, ...]
+    # The keys of the selected columns in rows(), in order.
+    names: tuple[str, ...]
     # The columns read through their field, and how: the others come as the driver gives them.
     readers: tuple[tuple[str, Callable[[Any], Any]], ...]
 

@@ -357,7 +357,7 @@ def run_status_views(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "usage": None
             if (usage := row["usage"]) is None
             else {key: usage[attr] for attr, key in _USAGE_KEYS if attr in usage},
-            "error": row["error"],  # shaped by runtime.runs.status_rows
+            "error": row["error"],  # a {type, message} dict, shaped by runtime.runs._status_row
             "requiredAction": row["required_action"],
             "createdAt": utc_timestamp(row["created_at"]),
             "startedAt": utc_timestamp(row["started_at"]),
