@@ -39,6 +39,7 @@ from .events import (
     write_event,
 )
 from .loop import AgentLoop, RunCancelled, RunPaused, Usage
+from .turns import step_aside
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +226,7 @@ class Executor:
             model=job.model,
             emit=lambda type, data: self._emit(active.channel, type, data),
             is_cancelled=lambda: active.cancelled,
+            step_aside=step_aside,
             temperature=job.temperature,
             max_tokens=job.max_tokens,
             tool_timeout=self.settings.tool_timeout,

@@ -112,6 +112,9 @@ class AgentLoop:
     model: str
     emit: Emit
     is_cancelled: Callable[[], bool] = lambda: False
+    # Called before each delta of the model is handled; the executor lets the event loop serve
+    # waiting requests there (see turns.step_aside).
+    step_aside: Callable[[], None] = lambda: None
     temperature: float | None = None
     max_tokens: int | None = None
     tool_timeout: float = 30.0
@@ -238,6 +241,7 @@ class AgentLoop:
         pending: dict[int, _PendingCall],
     ) -> None:
         """Turn one delta into events and into the step's text, reasoning and tool calls."""
+        self.step_aside()
         self._check_cancelled()
         if isinstance(delta, ContentDelta):
             if delta.text:
