@@ -25,6 +25,7 @@ import peewee
 
 from ..db import Statement, database
 from ..models import RunEvent
+from .turns import overdue as loop_overdue
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +167,9 @@ _Pending = tuple[Event, "RunChannel | None", "_Ending | None"]
 
 
 # What one transaction of the event log writes at most. On SQLite the writer does not yield
-# while it writes, and a run's end costs ~150 µs (its status, messages and session): when
+# while it writes, and a run's end costs ~70-150 µs (its status, messages and session): when
 # 1,000 runs ended together, one transaction held the worker's event loop, every stream and
-# request on it, for 150 ms. Bounded to 200 endings, a transaction holds it for ~30 ms of
+# request on it, for 150 ms. Bounded to 200 endings, a transaction holds it for ~15-30 ms of
 # endings plus the events written with them (a few µs each), and other greenlets run between
 # transactions. (At 50 endings, status polls waited less during 1,000 streams, but when
 # 5,000 runs ended the backlog cost a fifth more CPU per event and half again the memory.)
@@ -178,6 +179,12 @@ _Pending = tuple[Event, "RunChannel | None", "_Ending | None"]
 # PostgreSQL driver made cooperative by gevent, the writer yields at each statement instead.)
 MAX_EVENTS_PER_COMMIT = 20_000
 MAX_ENDINGS_PER_COMMIT = 200
+# A transaction is written in chunks of at most this many events, or endings (2-5 ms each).
+# After each chunk, if requests wait for the event loop (see turns.overdue), the writer
+# commits what it wrote and lets them in before it goes on: with 1,000 streams, transactions
+# of 2,500 events held the loop 10-26 ms, and batch status polls waited for them.
+CHUNK_EVENTS = 500
+CHUNK_ENDINGS = 50
 
 
 class EventLog:
@@ -232,37 +239,42 @@ class EventLog:
     def _write_batch(self) -> bool:
         """Write and publish the oldest pending events; return whether more are pending."""
         with self._lock:
-            batch = self._take_batch()
-            if not batch:
-                return False
-            rows = [event_row(event) for event, _, _ in batch]
-            endings = [ending for _, _, ending in batch if ending is not None]
+            written: list[_Pending] = []
+            endings: list[_Ending] = []
             try:
                 with database.connection_context(), database.atomic():
                     # One prepared statement, many rows: building a multi-row INSERT in
                     # Python would cost more than the database's work.
-                    _insert_events(rows)
-                    self._record_endings(endings)
+                    while chunk := self._take_chunk(len(written), len(endings)):
+                        written += chunk
+                        ended = [ending for _, _, ending in chunk if ending is not None]
+                        endings += ended
+                        _insert_events([event_row(event) for event, _, _ in chunk])
+                        self._record_endings(ended)
+                        if loop_overdue():
+                            break  # commit now: requests wait for the loop
             except BaseException:
                 # Keep everything for the next attempt rather than lose it.
-                self._pending.extendleft(reversed(batch))
+                self._pending.extendleft(reversed(written))
                 raise
-            publish(batch)
+            if not written:
+                return False
+            publish(written)
             for ending in endings:
                 ending.done()
             return bool(self._pending)
 
-    def _take_batch(self) -> list[_Pending]:
-        """Take the oldest pending events, up to the most one transaction writes."""
-        batch: list[_Pending] = []
-        endings = 0
-        while self._pending and len(batch) < MAX_EVENTS_PER_COMMIT:
-            batch.append(pending := self._pending.popleft())
+    def _take_chunk(self, events: int, endings: int) -> list[_Pending]:
+        """Take the oldest pending events, a chunk of the transaction that already holds
+        ``events`` events and ``endings`` endings; none once it holds all it may."""
+        chunk: list[_Pending] = []
+        events_left = min(CHUNK_EVENTS, MAX_EVENTS_PER_COMMIT - events)
+        endings_left = min(CHUNK_ENDINGS, MAX_ENDINGS_PER_COMMIT - endings)
+        while self._pending and len(chunk) < events_left and endings_left:
+            chunk.append(pending := self._pending.popleft())
             if pending[2] is not None:
-                endings += 1
-                if endings == MAX_ENDINGS_PER_COMMIT:
-                    break
-        return batch
+                endings_left -= 1
+        return chunk
 
     def _record_endings(self, endings: list[_Ending]) -> None:
         """Record the runs' final writes, all at once in a savepoint; should that fail, each in
