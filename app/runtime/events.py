@@ -180,9 +180,10 @@ _Pending = tuple[Event, "RunChannel | None", "_Ending | None"]
 MAX_EVENTS_PER_COMMIT = 20_000
 MAX_ENDINGS_PER_COMMIT = 200
 # A transaction is written in chunks of at most this many events, or endings (2-5 ms each).
-# After each chunk, if requests wait for the event loop (see turns.overdue), the writer
-# commits what it wrote and lets them in before it goes on: with 1,000 streams, transactions
-# of 2,500 events held the loop 10-26 ms, and batch status polls waited for them.
+# After each chunk, if I/O waits for the event loop (see turns.overdue: a request, say), the
+# writer commits and publishes what it wrote, and yields, before it goes on: with 1,000
+# streams, transactions of 2,500 events held the loop 10-26 ms, and batch status polls
+# waited for them. The more frequent commits cost CPU only while I/O waits.
 CHUNK_EVENTS = 500
 CHUNK_ENDINGS = 50
 
@@ -239,6 +240,8 @@ class EventLog:
     def _write_batch(self) -> bool:
         """Write and publish the oldest pending events; return whether more are pending."""
         with self._lock:
+            if not self._pending:
+                return False
             written: list[_Pending] = []
             endings: list[_Ending] = []
             try:
@@ -252,7 +255,7 @@ class EventLog:
                         _insert_events([event_row(event) for event, _, _ in chunk])
                         self._record_endings(ended)
                         if loop_overdue():
-                            break  # commit now: requests wait for the loop
+                            break  # commit now: I/O waits for the loop
             except BaseException:
                 # Keep everything for the next attempt rather than lose it.
                 self._pending.extendleft(reversed(written))
