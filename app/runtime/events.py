@@ -167,12 +167,13 @@ _Pending = tuple[Event, "RunChannel | None", "_Ending | None"]
 
 
 # What one transaction of the event log writes at most. On SQLite the writer does not yield
-# while it writes, and a run's end costs ~70-150 µs (its status, messages and session): when
-# 1,000 runs ended together, one transaction held the worker's event loop, every stream and
-# request on it, for 150 ms. Bounded to 200 endings, a transaction holds it for ~15-30 ms of
-# endings plus the events written with them (a few µs each), and other greenlets run between
-# transactions. (At 50 endings, status polls waited less during 1,000 streams, but when
-# 5,000 runs ended the backlog cost a fifth more CPU per event and half again the memory.)
+# while it writes a chunk (see CHUNK_EVENTS), and a run's end costs ~70-150 µs (its status,
+# messages and session): when 1,000 runs ended together, one transaction held the worker's
+# event loop, every stream and request on it, for 150 ms. Bounded to 200 endings, a
+# transaction holds it for ~15-30 ms of endings plus the events written with them (a few µs
+# each), and other greenlets run between transactions. (At 50 endings, status polls waited
+# less during 1,000 streams, but when 5,000 runs ended the backlog cost a fifth more CPU per
+# event and half again the memory.)
 # Every commit rewrites the pages it touched, so events are bounded loosely:
 # at 500 per transaction the worker spent a fifth more CPU per streamed event than
 # unbounded; 20,000 only keeps a backlog from becoming one transaction without end. (With a

@@ -52,7 +52,6 @@ class _Turns:
 
     def __init__(self, hub: gevent.hub.Hub) -> None:
         loop = hub.loop
-        self.fileno = loop.fileno()
         self.polled = time.perf_counter()
         self.asked = 0.0
         self.io_waits = False
@@ -62,7 +61,7 @@ class _Turns:
         self._check.start(self._on_poll)
         # The loop's own descriptor is readable while any descriptor it watches is ready.
         self._kernel = _poll()
-        self._kernel.register(self.fileno, select.POLLIN)
+        self._kernel.register(loop.fileno(), select.POLLIN)
 
     def _on_poll(self) -> None:
         self.polled = time.perf_counter()
