@@ -907,8 +907,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="results file (default bench/results/<time>.json)")
     parser.add_argument("--targets", default="ours,baseline", help="ours, baseline or both")
     parser.add_argument("--status-polls", type=int, help="status polls after each phase")
-    parser.add_argument("--status-streams", type=int, help="streams running while polling")
-    parser.add_argument("--saturation-streams", type=int, default=50)
+    parser.add_argument(
+        "--status-streams", type=int, help="streams running while polling (0: skip that phase)"
+    )
+    parser.add_argument(
+        "--saturation-streams", type=int, default=50, help="0: skip the saturation phase"
+    )
     parser.add_argument("--saturation-deltas", type=int)
     parser.add_argument("--deltas", type=int, default=50, help="content deltas per paced run")
     parser.add_argument("--delay", type=float, default=0.02, help="seconds between deltas")
@@ -935,7 +939,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--targets takes {', '.join(TARGETS)}")
     options.status_polls = options.status_polls or (50 if quick else 200)
     options.status_polls_during = options.status_polls
-    options.status_streams = options.status_streams or (200 if quick else 1000)
+    if options.status_streams is None:
+        options.status_streams = 200 if quick else 1000
+    if options.status_streams < 0 or options.saturation_streams < 0:
+        parser.error("--status-streams and --saturation-streams take 0 or more")
     options.saturation_deltas = options.saturation_deltas or (500 if quick else 2000)
     options.paced = Shape("bench", options.deltas, options.delay, 200)
     # Messages long enough that every delta carries ~4 characters, as the paced ones do.
@@ -951,10 +958,10 @@ def phases(options: argparse.Namespace, root: Path):
         for target in options.targets:
             folder = root / f"{target}-c{c}"
             yield f"C={c}", target, folder, partial(concurrency_phase, target, c, folder, options)
-    for target in options.targets:
+    for target in options.targets if options.saturation_streams else ():
         folder = root / f"{target}-saturation"
         yield "saturation", target, folder, partial(saturation_phase, target, folder, options)
-    for target in options.targets:
+    for target in options.targets if options.status_streams else ():
         folder = root / f"{target}-during"
         yield "status_during", target, folder, partial(status_during_phase, target, folder, options)
 
