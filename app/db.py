@@ -6,11 +6,12 @@ import contextlib
 import inspect
 import logging
 import os
+import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
-import gevent
 import peewee
+from gevent import monkey
 from playhouse.db_url import connect as connect_url
 from playhouse.db_url import schemes as db_url_schemes
 from playhouse.migrations import Runner
@@ -30,7 +31,7 @@ SQLITE_PRAGMAS = {
     "cache_size": -16_000,
     # A commit that takes the write-ahead log past this many pages (40 MB; SQLite's default is
     # 1,000) copies them back into the database itself, stalling its worker. A serving worker's
-    # checkpoint_wal() does that in a thread long before; the mark is the backstop for
+    # WalCheckpointer does that in a thread long before; the mark is the backstop for
     # processes that never call it (the command line tools, a worker before its first request).
     "wal_autocheckpoint": 10_000,
     # Once a checkpoint has emptied it, a log grown larger than this is cut back to it.
@@ -62,31 +63,131 @@ def open_database(url: str, pool_size: int = 32) -> peewee.Database:
     return db
 
 
-def checkpoint_wal() -> None:
-    """Copy the SQLite write-ahead log back into the database, in a thread; wait for it.
+def sqlite_path() -> str | None:
+    """Return the file of the package's SQLite database; None for other databases.
 
-    SQLite checkpoints inside whichever commit fills the log past its mark: copying the pages
-    and syncing the file took 10-30 ms there, during which the worker's event loop (and every
-    stream on it) stood still. The executor calls this every poll interval instead, from a
-    greenlet that waits while a thread of gevent's pool does the work; SQLite releases the GIL
-    while it copies, so the loop runs on. A PASSIVE checkpoint never waits for readers or
-    writers: what it cannot copy now, the next one will. A no-op for other databases.
+    Also None for an in-memory database, and for one named by a URI, which names its file in
+    ways a plain path would not (SQLite then checkpoints it itself, see SQLITE_PRAGMAS).
     """
     db = database.obj
     if not isinstance(db, peewee.SqliteDatabase) or db.database in ("", ":memory:"):
-        return
+        return None
     if db.connect_params.get("uri"):
-        return  # a URI names the file in ways a plain path would not; SQLite checkpoints it
-    gevent.get_hub().threadpool.apply(_checkpoint, (db.database,))
+        return None
+    return db.database
 
 
-def _checkpoint(path: str) -> None:
-    # A connection of its own, in the pool's thread: peewee's connections belong to greenlets.
-    # Opened with the driver peewee uses (pysqlite3 where installed): two copies of SQLite in
-    # one process would drop each other's POSIX locks on the file.
+def checkpoint_wal() -> None:
+    """Copy the SQLite write-ahead log back into the database now, in this thread.
+
+    A serving worker leaves this to its :class:`WalCheckpointer`; this is for one-off use.
+    """
+    path = sqlite_path()
+    if path is not None:
+        with contextlib.closing(_connect_for_checkpoints(path)) as connection:
+            _checkpoint(connection)
+
+
+class WalCheckpointer:
+    """Checkpoints a SQLite database every ``interval`` seconds, from a thread of its own.
+
+    SQLite checkpoints inside whichever commit fills the log past its mark: copying the pages
+    and syncing the file took 10-30 ms there, during which the worker's event loop (and every
+    stream on it) stood still. A thread checkpoints instead: SQLite releases the GIL while it
+    copies, so the loop runs on. The thread is a plain OS thread, not one of gevent's pool:
+    a greenlet waiting for the pool's answer heard back 1-4 s late while 1,000 streams kept
+    the loop busy, the log grew meanwhile, and the commit that took it past the mark
+    checkpointed on the loop after all (10-200 ms). A PASSIVE checkpoint never waits for
+    readers or writers: what it cannot copy now, the next one will.
+
+    The thread touches nothing of gevent's (its locks, sleeps and logging would be greenlet
+    ones): it sleeps with the unpatched time.sleep, and keeps its last error for the caller
+    to log (:meth:`take_error`). It holds one connection for its life and closes it when it
+    stops, within an interval of :meth:`stop`.
+    """
+
+    def __init__(self, path: str, interval: float) -> None:
+        self.path = path
+        self.interval = interval
+        self._stopped = False
+        self._error: str | None = None
+
+    def start(self) -> None:
+        monkey.get_original("_thread", "start_new_thread")(self._run, ())
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def take_error(self) -> str | None:
+        """Return the last checkpoint's error (once), if it failed."""
+        error, self._error = self._error, None
+        return error
+
+    def _run(self) -> None:
+        sleep = monkey.get_original("time", "sleep")
+        connection = None
+        try:
+            while True:
+                sleep(self.interval)
+                if self._stopped:
+                    return
+                try:
+                    if connection is None:
+                        connection = _connect_for_checkpoints(self.path)
+                    _checkpoint(connection)
+                except Exception as error:  # the database went away, a full disk: try again
+                    self._error = f"{type(error).__name__}: {error}"
+                    if connection is not None:
+                        connection.close()
+                        connection = None
+        finally:
+            if connection is not None:
+                connection.close()
+
+
+def _connect_for_checkpoints(path: str) -> Any:
+    # A connection of its own: peewee's connections belong to greenlets. Opened with the
+    # driver peewee uses (pysqlite3 where installed): two copies of SQLite in one process
+    # would drop each other's POSIX locks on the file. mode=rw: a database removed meanwhile
+    # is not made anew.
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
     connect = peewee.sqlite3.connect  # type: ignore[attr-defined]
-    with contextlib.closing(connect(path, timeout=5, isolation_level=None)) as connection:
-        connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    connection = connect(uri, uri=True, timeout=5, isolation_level=None)
+    connection.execute(f"PRAGMA synchronous = {SQLITE_PRAGMAS['synchronous']}")
+    return connection
+
+
+def _checkpoint(connection: Any) -> None:
+    busy, frames, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    if not busy and frames > 0 and copied == frames:
+        _restart_wal(connection)
+
+
+def _restart_wal(connection: Any) -> None:
+    """Start the write-ahead log over from its first frame, here rather than on the loop.
+
+    Once a checkpoint has copied the whole log, the next commit writes it again from the
+    start, and at NORMAL synchronous that commit first syncs the log's new header to disk. A
+    worker's commits run on its event loop, where that sync stopped every stream for 0.3-26
+    ms a few times a second. So the checkpointing thread makes that first commit itself: it
+    rewrites the database's user_version with its own value, which changes nothing but is a
+    write. If a writer holds the lock, or a reader still reads the old log, the restart is
+    left to the next commit, as before.
+    """
+    connection.execute("PRAGMA busy_timeout = 0")
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+    except peewee.sqlite3.OperationalError:  # type: ignore[attr-defined]
+        return  # a writer is at work: the log is no longer copied whole anyway
+    finally:
+        connection.execute("PRAGMA busy_timeout = 5000")
+    try:
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        connection.execute(f"PRAGMA user_version = {int(version)}")
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
 
 
 def migrations_directory() -> str:

@@ -2,13 +2,21 @@
 
 import datetime
 import sqlite3
+import time
 from contextlib import closing
 
+import gevent
 import pytest
 from peewee import fn
 
 from agent_runs import create_app
-from agent_runs.db import Statement, checkpoint_wal, database, insert_statement
+from agent_runs.db import (
+    Statement,
+    WalCheckpointer,
+    checkpoint_wal,
+    database,
+    insert_statement,
+)
 from agent_runs.models import ApiToken, Run, Session
 from agent_runs.runtime.runs import new_run_id
 
@@ -100,6 +108,89 @@ def test_checkpoint_wal_copies_the_log_into_the_database_file(app, database_url)
     assert _rows_in_database_file(path, "api_token") == 0
     checkpoint_wal()
     assert _rows_in_database_file(path, "api_token") == 20
+
+
+def _wal_salts(path):
+    """Return the salts of the write-ahead log's header: they change when the log starts over."""
+    with open(f"{path}-wal", "rb") as wal:
+        return wal.read(32)[16:24]
+
+
+def test_checkpoint_wal_starts_the_log_over_itself_so_the_next_commit_does_not(app, database_url):
+    # Starting the log over syncs its header to disk: in the checkpoint's thread, not in the
+    # next commit, which runs on the worker's event loop.
+    path = database_url.removeprefix("sqlite:///")
+    with database.connection_context():
+        for n in range(20):
+            ApiToken.create(token_hash=f"h{n}", prefix="p", org_id="o")
+    before = _wal_salts(path)
+    checkpoint_wal()
+    after = _wal_salts(path)
+    assert after != before
+    with database.connection_context():
+        ApiToken.create(token_hash="next", prefix="p", org_id="o")
+        assert database.execute_sql("PRAGMA user_version").fetchone()[0] == 0
+    assert _wal_salts(path) == after
+    assert _rows_in_database_file(path, "api_token") == 20
+
+
+def test_checkpoint_wal_leaves_the_log_alone_while_a_reader_holds_it(app, database_url):
+    path = database_url.removeprefix("sqlite:///")
+    with database.connection_context():
+        ApiToken.create(token_hash="h", prefix="p", org_id="o")
+    with closing(sqlite3.connect(path, isolation_level=None)) as reader:
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT COUNT(*) FROM api_token").fetchone()[0] == 1
+        with database.connection_context():
+            ApiToken.create(token_hash="h2", prefix="p", org_id="o")
+        before = _wal_salts(path)
+        checkpoint_wal()  # copies what it may; neither blocks nor fails
+        assert _wal_salts(path) == before
+        assert reader.execute("SELECT COUNT(*) FROM api_token").fetchone()[0] == 1
+        reader.execute("COMMIT")
+    with database.connection_context():
+        assert ApiToken.select().count() == 2
+
+
+def _eventually(check, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        gevent.sleep(0.02)
+
+
+def test_a_wal_checkpointer_copies_the_log_from_its_own_thread_until_stopped(app, database_url):
+    path = database_url.removeprefix("sqlite:///")
+    checkpointer = WalCheckpointer(path, interval=0.01)
+    checkpointer.start()
+    try:
+        with database.connection_context():
+            for n in range(5):
+                ApiToken.create(token_hash=f"h{n}", prefix="p", org_id="o")
+        _eventually(lambda: _rows_in_database_file(path, "api_token") == 5)
+    finally:
+        checkpointer.stop()
+    assert checkpointer.take_error() is None
+
+
+def test_a_wal_checkpointer_keeps_its_error_and_makes_no_database_where_there_is_none(tmp_path):
+    path = tmp_path / "gone.sqlite3"
+    checkpointer = WalCheckpointer(str(path), interval=0.01)
+    checkpointer.start()
+    try:
+        errors = []
+        _eventually(lambda: bool(errors.append(checkpointer.take_error()) or any(errors)))
+    finally:
+        checkpointer.stop()
+    assert "unable to open database" in next(e for e in errors if e)
+    assert not path.exists()
+
+
+def test_the_server_checkpoints_its_database_while_it_serves(app, client, auth, database_url):
+    path = database_url.removeprefix("sqlite:///")
+    response = client.post("/api/agents/assistant/runs", json={"message": "hi"}, headers=auth)
+    assert response.status_code == 200
+    _eventually(lambda: _rows_in_database_file(path, "run") == 1)
 
 
 def test_an_insert_statement_must_set_the_fields_whose_default_is_computed(app):

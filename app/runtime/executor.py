@@ -24,7 +24,7 @@ import gevent.event
 import gevent.pool
 import gevent.queue
 
-from ..db import Statement, checkpoint_wal, database, insert_statement
+from ..db import Statement, WalCheckpointer, database, insert_statement, sqlite_path
 from ..models import Message, Run, RunEvent, RunStatus, Session, utcnow
 from ..providers.base import Provider, ProviderError
 from .agents import Agent
@@ -124,6 +124,7 @@ class Executor:
         self._background = gevent.pool.Pool(settings.max_background_runs)
         self._queue: gevent.queue.Queue[ActiveRun] = gevent.queue.Queue()
         self._services: list[gevent.Greenlet] = []
+        self._checkpointer: WalCheckpointer | None = None
         self._stopping = False
 
     # Starting runs ----------------------------------------------------------------------
@@ -359,6 +360,10 @@ class Executor:
             gevent.spawn(self._keep),
             gevent.spawn(self._dispatch_background),
         ]
+        path = sqlite_path()
+        if path is not None:
+            self._checkpointer = WalCheckpointer(path, self.settings.poll_interval)
+            self._checkpointer.start()
         atexit.register(self.shutdown)
 
     def _keep(self) -> None:
@@ -377,7 +382,8 @@ class Executor:
                     if now - last_prune >= PRUNE_EVERY:
                         prune_events(self.settings.retention_days)
                         last_prune = now
-                checkpoint_wal()
+                if self._checkpointer is not None and (error := self._checkpointer.take_error()):
+                    logger.warning("checkpointing the database's log failed: %s", error)
             except Exception:
                 logger.exception("keeping runs alive failed; retrying")
 
@@ -425,6 +431,9 @@ class Executor:
             for greenlet in self._services:
                 greenlet.kill(block=False)
             self._services = []
+            if self._checkpointer is not None:
+                self._checkpointer.stop()
+                self._checkpointer = None
             self._stopping = False
 
 
