@@ -176,6 +176,57 @@ def test_a_stream_without_usage_still_finishes(fake):
     assert collect(provider_for(fake)) == [ContentDelta("Hi"), FinishDelta("length")]
 
 
+def test_fields_of_unexpected_types_are_skipped_and_object_arguments_become_json(fake):
+    # What servers that call themselves OpenAI-compatible have been seen to send.
+    fake.script(
+        stream(
+            [
+                {"id": "x", "choices": None},
+                {"id": "x", "choices": ["not an object", {"index": 0, "delta": "text"}]},
+                chunk(content=5),
+                chunk(reasoning_content=["a", "list"]),
+                chunk("Fine."),
+                # A second choice is not the answer.
+                {"choices": [{"index": 1, "delta": {"content": "other"}}]},
+                chunk(
+                    tool_calls=[
+                        {"index": 0, "id": 7, "function": {"name": "f", "arguments": {"a": 1}}},
+                        {"id": "call_b", "function": "not an object"},
+                    ]
+                ),
+                chunk(finish_reason="tool_calls"),
+                {"choices": [], "usage": {"prompt_tokens": "many", "completion_tokens": 4}},
+            ]
+        )
+    )
+
+    deltas = collect(provider_for(fake))
+
+    assert deltas == [
+        ContentDelta("Fine."),
+        ToolCallDelta(0, id=None, name="f", arguments='{"a": 1}'),
+        ToolCallDelta(1, id="call_b", name=None, arguments=""),
+        UsageDelta(input_tokens=0, output_tokens=4),
+        FinishDelta("tool_calls"),
+    ]
+
+
+def test_a_chunk_that_is_not_a_json_object_fails_the_call(fake):
+    fake.script(stream([chunk("Hi"), ["not", "a", "chunk"], chunk(finish_reason="stop")]))
+
+    with pytest.raises(ProviderError, match="not a JSON object"):
+        collect(provider_for(fake, max_retries=0))
+
+
+def test_an_error_object_in_the_stream_fails_the_call_with_its_message(fake):
+    fake.script(
+        stream([chunk("Hi"), {"error": {"message": "the model is overloaded", "type": "server"}}])
+    )
+
+    with pytest.raises(ProviderError, match="the model is overloaded"):
+        collect(provider_for(fake, max_retries=0))
+
+
 # Requests ----------------------------------------------------------------------------------
 
 

@@ -123,9 +123,19 @@ class OpenAIProvider:
         if self.missing_key:
             raise ProviderError(self.missing_key)
         client = shared_client(openai.OpenAI, self.base_url, self.api_key or NO_KEY)
-        params = self._params(request)
+        body = self._body(request)
         yield from stream_with_retries(
-            lambda: client.chat.completions.create(**params),
+            # The SDK's own request path (auth, headers, errors, SSE decoding), with the chunks
+            # left as the JSON objects they arrive as: building the SDK's typed chunk for each
+            # token was most of the worker's CPU with 100 streams running (see _read_stream).
+            lambda: client.post(
+                "/chat/completions",
+                cast_to=object,
+                body=body,
+                options={"timeout": self.timeout},
+                stream=True,
+                stream_cls=openai.Stream[object],
+            ),
             _read_stream,
             retry_on=(openai.APIError, StreamTruncated),
             # ValueError: a chunk that is not JSON, i.e. not an OpenAI-compatible server.
@@ -136,23 +146,22 @@ class OpenAIProvider:
             max_retries=self.max_retries,
         )
 
-    def _params(self, request: ModelRequest) -> dict[str, Any]:
-        params: dict[str, Any] = {
+    def _body(self, request: ModelRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
             "model": request.model or self.model,
             "messages": [_message(m) for m in request.messages],
             "stream": True,
             "stream_options": {"include_usage": True},
-            "timeout": self.timeout,
         }
         if request.tools:
-            params["tools"] = [_tool(spec) for spec in request.tools]
+            body["tools"] = [_tool(spec) for spec in request.tools]
         if request.temperature is not None:
-            params["temperature"] = request.temperature
+            body["temperature"] = request.temperature
         if request.max_tokens is not None:
-            params["max_tokens"] = request.max_tokens
-        if self.extra_body:
-            params["extra_body"] = self.extra_body
-        return params
+            body["max_tokens"] = request.max_tokens
+        # Merged over the rest, as the SDK merges its extra_body.
+        body.update(self.extra_body)
+        return body
 
     def _backoff(self, attempt: int, error: Exception) -> float:
         """Seconds to wait before the next attempt (see sdk.backoff)."""
@@ -268,56 +277,82 @@ def _message(message: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _read_stream(chunks: Any) -> Iterator[Delta]:
-    """Turn a stream of chat completion chunks into deltas; usage and finish come last."""
+    """Turn a stream of chat completion chunks into deltas; usage and finish come last.
+
+    The chunks are the JSON objects the server sent, read leniently: servers that call
+    themselves OpenAI-compatible differ in what they leave out, and a field of an unexpected
+    type is skipped rather than trusted. (The SDK's typed chunks, made field by field for
+    every token, cost 280 µs of CPU per streamed event with 100 streams, against 80 for the
+    scripted model.)
+    """
     think = _ThinkSplitter()
     usage: Any = None
     finish: str | None = None
     for chunk in chunks:
-        if getattr(chunk, "usage", None):
+        if not isinstance(chunk, dict):
+            raise ValueError(f"a chunk that is not a JSON object: {str(chunk)[:100]}")
+        if chunk.get("usage"):
             # Some servers repeat a running total on every chunk: the last one counts.
-            usage = chunk.usage
-        for choice in getattr(chunk, "choices", None) or ():
-            if getattr(choice, "index", 0) != 0:
+            usage = chunk["usage"]
+        for choice in _objects(chunk.get("choices")):
+            if choice.get("index", 0) != 0:
                 continue
-            delta = getattr(choice, "delta", None)
-            if delta is not None:
-                reasoning = _extra(delta, "reasoning_content") or _extra(delta, "reasoning")
-                if isinstance(reasoning, str) and reasoning:
-                    yield ReasoningDelta(reasoning)
-                if getattr(delta, "content", None):
-                    yield from think.feed(delta.content)
-                if getattr(delta, "refusal", None):
-                    yield ContentDelta(delta.refusal)
-                for position, call in enumerate(getattr(delta, "tool_calls", None) or ()):
-                    index = getattr(call, "index", None)
-                    function = getattr(call, "function", None)
-                    yield ToolCallDelta(
-                        index=index if isinstance(index, int) else position,
-                        id=getattr(call, "id", None) or None,
-                        name=getattr(function, "name", None) or None,
-                        arguments=getattr(function, "arguments", None) or "",
-                    )
-            if getattr(choice, "finish_reason", None):
-                finish = choice.finish_reason
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                yield from _deltas(delta, think)
+            if isinstance(reason := choice.get("finish_reason"), str) and reason:
+                finish = reason
     yield from think.flush()
     if finish is None:
         raise StreamTruncated("the stream ended before the model finished its answer")
-    if usage is not None:
-        details = getattr(usage, "completion_tokens_details", None)
+    if isinstance(usage, dict):
+        details = usage.get("completion_tokens_details")
         yield UsageDelta(
-            input_tokens=getattr(usage, "prompt_tokens", None) or 0,
-            output_tokens=getattr(usage, "completion_tokens", None) or 0,
-            reasoning_tokens=getattr(details, "reasoning_tokens", None) or 0,
+            input_tokens=_count(usage.get("prompt_tokens")),
+            output_tokens=_count(usage.get("completion_tokens")),
+            reasoning_tokens=_count(details.get("reasoning_tokens"))
+            if isinstance(details, dict)
+            else 0,
         )
     yield FinishDelta(finish)
 
 
-def _extra(delta: Any, name: str) -> Any:
-    """Read a field the SDK's types do not declare."""
-    value = getattr(delta, name, None)
-    if value is None:
-        value = (getattr(delta, "model_extra", None) or {}).get(name)
-    return value
+def _deltas(delta: dict[str, Any], think: _ThinkSplitter) -> Iterator[Delta]:
+    """The deltas of one chunk's ``delta`` object."""
+    # Reasoning in a non-standard field: reasoning_content (DeepSeek, vLLM), reasoning
+    # (Ollama, OpenRouter).
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        yield ReasoningDelta(reasoning)
+    if isinstance(content := delta.get("content"), str) and content:
+        yield from think.feed(content)
+    if isinstance(refusal := delta.get("refusal"), str) and refusal:
+        yield ContentDelta(refusal)
+    for position, call in enumerate(_objects(delta.get("tool_calls"))):
+        index = call.get("index")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            function = {}
+        name = function.get("name")
+        arguments = function.get("arguments")
+        yield ToolCallDelta(
+            index=index if isinstance(index, int) else position,
+            id=call["id"] if isinstance(call.get("id"), str) and call["id"] else None,
+            name=name if isinstance(name, str) and name else None,
+            # Some servers send the arguments as an object rather than its JSON text.
+            arguments=arguments if isinstance(arguments, str) else _arguments(arguments or ""),
+        )
+
+
+def _objects(value: Any) -> list[dict[str, Any]]:
+    """The JSON objects of a list field; anything else counts as none."""
+    if not isinstance(value, list):
+        return []
+    return [item for item in value if isinstance(item, dict)]
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and value > 0 else 0
 
 
 class _ThinkSplitter:
