@@ -215,17 +215,26 @@ def profile_summary(path: Path, top: int = 15) -> dict:
 # Servers -------------------------------------------------------------------------------------
 
 
-def agents_file(folder: Path, paced: Shape, fast: Shape) -> Path:
+def agents_file(folder: Path, paced: Shape, fast: Shape, model_url: str = "") -> Path:
+    """Write the benchmark agents: on the scripted model, or on the fake model server at
+    ``model_url`` (``openai`` or ``anthropic``, see bench/fake_model.py)."""
     path = folder / "agents.yaml"
     entries = []
     for shape in (paced, fast):
+        if model_url:
+            kind, _, base_url = model_url.partition("+")
+            model = f"{kind}:bench-{shape.deltas}-{shape.delay}"
+            options = f"{{base_url: '{base_url}', api_key: bench, max_retries: 0}}"
+        else:
+            model = "scripted"
+            options = f"{{delay: {shape.delay}, content_deltas: {shape.deltas}}}"
         entries.append(
             f"""  - id: {shape.agent}
     name: Benchmark agent {shape.agent}
     description: Calls echo once, then answers in {shape.deltas} content deltas.
     instructions: Call echo with the message, then answer.
-    model: scripted
-    model_options: {{delay: {shape.delay}, content_deltas: {shape.deltas}}}
+    model: {model}
+    model_options: {options}
     tools:
       - bench_tools:echo
 """
@@ -241,10 +250,16 @@ class Server:
     if they are still there after a grace period.
     """
 
-    def __init__(self, target: str, folder: Path, paced: Shape, fast: Shape) -> None:
+    def __init__(
+        self, target: str, folder: Path, paced: Shape, fast: Shape, model: str = "scripted"
+    ) -> None:
         self.target = target
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.paced, self.fast = paced, fast
+        # Ours on a model over HTTP: the fake model server runs as long as this server.
+        self.model = model if target == "ours" else "scripted"
+        self.model_process: subprocess.Popen | None = None
         self.log_path = folder / "gunicorn.log"
         self.db_path = folder / "bench.sqlite3"
         self.env = {
@@ -258,7 +273,6 @@ class Server:
         if target == "ours":
             self.env.update(
                 AGENT_RUNS_DATABASE_URL=f"sqlite:///{self.db_path}",
-                AGENT_RUNS_AGENTS_FILE=str(agents_file(folder, paced, fast)),
                 AGENT_RUNS_SHUTDOWN_TIMEOUT="5",
                 **OURS_LIMITS_OFF,
             )
@@ -278,6 +292,10 @@ class Server:
     def __enter__(self) -> Server:
         try:
             if self.target == "ours":
+                model_url = self._start_model() if self.model != "scripted" else ""
+                self.env["AGENT_RUNS_AGENTS_FILE"] = str(
+                    agents_file(self.folder, self.paced, self.fast, model_url)
+                )
                 created = subprocess.run(
                     [sys.executable, "-m", "agent_runs", "tokens", "create", "--org", "bench"],
                     env=self.env,
@@ -340,7 +358,26 @@ class Server:
             f"{self.target} server did not start:\n{self.log_path.read_text(errors='replace')}"
         )
 
+    def _start_model(self) -> str:
+        """Start bench/fake_model.py; return ``<kind>+<its base URL>``."""
+        self.model_process = subprocess.Popen(
+            [sys.executable, str(BENCH / "fake_model.py")],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert self.model_process.stdout is not None
+        port = self.model_process.stdout.readline().strip()
+        if not port.isdigit():
+            raise RuntimeError("the fake model server did not start")
+        root = f"http://127.0.0.1:{port}"
+        return f"{self.model}+{root}/v1" if self.model == "openai" else f"{self.model}+{root}"
+
     def __exit__(self, *exc_info: object) -> None:
+        if self.model_process is not None:
+            self.model_process.kill()
+            self.model_process.wait()
+            self.model_process = None
         process = self.process
         if process is None or process.poll() is not None:
             return
@@ -562,7 +599,7 @@ def without_samples(result: dict) -> dict:
 def concurrency_phase(
     target: str, concurrency: int, folder: Path, options: argparse.Namespace
 ) -> dict:
-    with Server(target, folder, options.paced, options.fast) as server:
+    with Server(target, folder, options.paced, options.fast, options.model) as server:
         warm_up(server, options.paced)
         log(f"{target}: {concurrency} streams")
         result = measure_streams(server, options.paced, concurrency, "streams", options)
@@ -577,7 +614,7 @@ def concurrency_phase(
 
 def saturation_phase(target: str, folder: Path, options: argparse.Namespace) -> dict:
     shape = options.fast
-    with Server(target, folder, options.paced, shape) as server:
+    with Server(target, folder, options.paced, shape, options.model) as server:
         warm_up(server, options.paced)
         log(f"{target}: saturation, {options.saturation_streams} streams x {shape.events} events")
         result = measure_streams(server, shape, options.saturation_streams, "fast", options)
@@ -589,7 +626,7 @@ def saturation_phase(target: str, folder: Path, options: argparse.Namespace) -> 
 def status_during_phase(target: str, folder: Path, options: argparse.Namespace) -> dict:
     """Start paced streams, then poll batch status for 100 of their runs while they run."""
     shape, concurrency = options.paced, options.status_streams
-    with Server(target, folder, shape, options.fast) as server:
+    with Server(target, folder, shape, options.fast, options.model) as server:
         warm_up(server, shape)
         log(f"{target}: batch status during {concurrency} streams")
         deadline = stream_deadline(shape, concurrency, options)
@@ -914,6 +951,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--saturation-streams", type=int, default=50, help="0: skip the saturation phase"
     )
     parser.add_argument("--saturation-deltas", type=int)
+    parser.add_argument(
+        "--model",
+        choices=("scripted", "openai", "anthropic"),
+        default="scripted",
+        help="ours runs on the in-process scripted model (default), or on bench/fake_model.py "
+        "over HTTP through the OpenAI or Anthropic provider",
+    )
     parser.add_argument("--deltas", type=int, default=50, help="content deltas per paced run")
     parser.add_argument("--delay", type=float, default=0.02, help="seconds between deltas")
     parser.add_argument(
@@ -1011,6 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": options.quick,
             "gunicorn": GUNICORN_SETTINGS,
             "ours_environment": OURS_LIMITS_OFF,
+            "model": options.model,
             "paced": vars_of(options.paced),
             "fast": vars_of(options.fast),
             "saturation_streams": options.saturation_streams,
