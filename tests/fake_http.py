@@ -44,7 +44,7 @@ class ScriptedHandler(BaseHTTPRequestHandler):
             return
         request = json.loads(body)
         headers = {name.lower(): value for name, value in self.headers.items()}
-        reply = self.server.fake._record(request, headers)
+        reply = self.server.fake._record(request, headers, self.client_address)
         if callable(reply):
             reply = reply(request)
         self.send_reply(request, reply)
@@ -118,7 +118,8 @@ class FakeServer:
     """A scripted server on 127.0.0.1, on a port the kernel picks, answering with ``handler``.
 
     ``requests`` holds the JSON bodies received, ``headers`` their headers (lower-case names),
-    ``outcomes`` how each stream ended: ``"done"``, ``"cut"`` (scripted) or ``"client closed"``.
+    ``outcomes`` how each stream ended: ``"done"``, ``"cut"`` (scripted) or ``"client closed"``,
+    ``connections`` the client addresses requests came from (one per connection).
     """
 
     handler: type[ScriptedHandler] = ScriptedHandler
@@ -127,6 +128,7 @@ class FakeServer:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.outcomes: list[str] = []
+        self.connections: set[tuple[str, int]] = set()
         self._replies: list[Any] = []
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), self.handler)
@@ -154,10 +156,13 @@ class FakeServer:
             time.sleep(0.01)
         return list(self.outcomes)
 
-    def _record(self, request: dict[str, Any], headers: dict[str, str]) -> Any:
+    def _record(
+        self, request: dict[str, Any], headers: dict[str, str], client: tuple[str, int]
+    ) -> Any:
         with self._lock:
             self.requests.append(request)
             self.headers.append(headers)
+            self.connections.add(client)
             if not self._replies:
                 return self.unscripted()
             return self._replies.pop(0)

@@ -681,6 +681,16 @@ def test_errors_do_not_reveal_the_api_key(fake):
     assert len(fake.requests) == 1
 
 
+def test_calls_one_after_another_share_one_connection(fake):
+    fake.script(*(answer("ok") for _ in range(3)))
+    provider = provider_for(fake)
+
+    for _ in range(3):
+        assert collect(provider)[-1] == FinishDelta("stop")
+
+    assert len(fake.connections) == 1
+
+
 def test_closing_the_stream_closes_the_connection(fake):
     events = [message_start(), text_block(0)] + [text_delta(0, f"token {n} ") for n in range(500)]
     fake.script(stream(events, delay=0.01))
