@@ -211,38 +211,6 @@ def test_a_stream_that_ends_without_finishing_is_an_error(fake):
         collect(provider_for(fake, max_retries=0))
 
 
-def test_fields_of_unexpected_types_are_skipped(fake):
-    fake.script(
-        stream(
-            [
-                {"type": "message_start", "message": "not an object"},
-                {"type": "content_block_start", "index": "0", "content_block": text_block(0)},
-                {"type": "content_block_start", "index": 0, "content_block": None},
-                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta"}},
-                text_delta(0, "Fine."),
-                {"type": "content_block_delta", "index": 0, "delta": ["not", "an", "object"]},
-                {"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use"}},
-                {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta"}},
-                input_json(1, '{"a": 1}'),
-                {"type": "message_delta", "delta": {"stop_reason": 7}, "usage": "lots"},
-                message_delta("tool_use", output_tokens=4),
-                message_stop(),
-            ]
-        )
-    )
-
-    deltas = collect(provider_for(fake))
-
-    assert deltas == [
-        ContentDelta("Fine."),
-        ToolCallDelta(0, id=None, name=None),
-        ToolCallDelta(0, arguments=""),
-        ToolCallDelta(0, arguments='{"a": 1}'),
-        UsageDelta(input_tokens=0, output_tokens=4),
-        FinishDelta("tool_calls"),
-    ]
-
-
 # Requests ----------------------------------------------------------------------------------
 
 

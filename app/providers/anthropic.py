@@ -166,17 +166,7 @@ class AnthropicProvider:
         client = shared_client(anthropic.Anthropic, self.base_url, self.api_key or NO_KEY)
         params = self._params(request)
         yield from stream_with_retries(
-            # The SDK's own request path (auth, headers, errors, SSE decoding, error events),
-            # with the events left as the JSON objects they arrive as: the SDK's typed event
-            # for every token cost more CPU than the rest of the server (see _read_stream).
-            lambda: client.post(
-                "/v1/messages",
-                cast_to=object,
-                body=params,
-                options={"timeout": self.timeout},
-                stream=True,
-                stream_cls=anthropic.Stream[object],
-            ),
+            lambda: client.messages.create(**params),
             _read_stream,
             retry_on=(anthropic.APIError, StreamTruncated, NetworkError),
             # ValueError: an event that is not JSON, i.e. not the Messages API.
@@ -198,6 +188,7 @@ class AnthropicProvider:
             "messages": messages,
             "max_tokens": max_tokens,
             "stream": True,
+            "timeout": self.timeout,
         }
         if system:
             params["system"] = system
@@ -398,12 +389,7 @@ def _remember_thinking(tool_ids: list[str], blocks: list[dict[str, Any]]) -> Non
 
 
 def _read_stream(events: Any) -> Iterator[Delta]:
-    """Turn a stream of Messages API events into deltas; usage and finish come last.
-
-    The events are the JSON objects the server sent, read leniently: a field of an unexpected
-    type is skipped rather than trusted. (The SDK's typed events, made field by field for
-    every token, cost more of the worker's CPU than the rest of the server.)
-    """
+    """Turn a stream of Messages API events into deltas; usage and finish come last."""
     input_tokens = output_tokens = 0
     stop_reason: str | None = None
     # content block index -> position among this answer's tool calls
@@ -412,52 +398,45 @@ def _read_stream(events: Any) -> Iterator[Delta]:
     # content block index -> a thinking block being received, to be sent back with tool results
     thinking: dict[int, dict[str, Any]] = {}
     for event in events:
-        if not isinstance(event, dict):
-            raise ValueError(f"an event that is not a JSON object: {str(event)[:100]}")
-        kind = event.get("type")
-        index = event.get("index")
+        kind = getattr(event, "type", None)
         if kind == "message_start":
-            usage = _object(_object(event.get("message")).get("usage"))
+            usage = getattr(getattr(event, "message", None), "usage", None)
             input_tokens = _input_tokens(usage) or input_tokens
-            output_tokens = _count(usage.get("output_tokens")) or output_tokens
-        elif kind == "content_block_start" and isinstance(index, int):
-            block = _object(event.get("content_block"))
-            block_type = block.get("type")
-            if block_type == "text" and (text := _text(block.get("text"))):
-                yield ContentDelta(text)
-            elif block_type == "thinking":
-                signature = _text(block.get("signature"))
+            output_tokens = getattr(usage, "output_tokens", None) or output_tokens
+        elif kind == "content_block_start":
+            index, block = event.index, event.content_block
+            if block.type == "text" and getattr(block, "text", ""):
+                yield ContentDelta(block.text)
+            elif block.type == "thinking":
+                signature = getattr(block, "signature", None) or ""
                 thinking[index] = {"type": "thinking", "thinking": "", "signature": signature}
-                if text := _text(block.get("thinking")):
-                    thinking[index]["thinking"] += text
-                    yield ReasoningDelta(text)
-            elif block_type == "redacted_thinking":
-                thinking[index] = {"type": "redacted_thinking", "data": _text(block.get("data"))}
-            elif block_type == "tool_use":
+                if getattr(block, "thinking", ""):
+                    thinking[index]["thinking"] += block.thinking
+                    yield ReasoningDelta(block.thinking)
+            elif block.type == "redacted_thinking":
+                thinking[index] = {"type": "redacted_thinking", "data": block.data}
+            elif block.type == "tool_use":
                 tool_index[index] = len(tool_index)
-                if call_id := _text(block.get("id")):
-                    tool_ids.append(call_id)
-                name = _text(block.get("name"))
-                yield ToolCallDelta(tool_index[index], id=call_id or None, name=name or None)
-        elif kind == "content_block_delta" and isinstance(index, int):
-            delta = _object(event.get("delta"))
-            delta_type = delta.get("type")
-            if delta_type == "text_delta" and (text := _text(delta.get("text"))):
-                yield ContentDelta(text)
-            elif delta_type == "thinking_delta" and (text := _text(delta.get("thinking"))):
+                tool_ids.append(block.id)
+                yield ToolCallDelta(tool_index[index], id=block.id, name=block.name)
+        elif kind == "content_block_delta":
+            index, delta = event.index, event.delta
+            if delta.type == "text_delta" and delta.text:
+                yield ContentDelta(delta.text)
+            elif delta.type == "thinking_delta" and delta.thinking:
                 if index in thinking:
-                    thinking[index]["thinking"] += text
-                yield ReasoningDelta(text)
-            elif delta_type == "signature_delta" and index in thinking:
-                thinking[index]["signature"] += _text(delta.get("signature"))
-            elif delta_type == "input_json_delta" and index in tool_index:
-                yield ToolCallDelta(tool_index[index], arguments=_text(delta.get("partial_json")))
+                    thinking[index]["thinking"] += delta.thinking
+                yield ReasoningDelta(delta.thinking)
+            elif delta.type == "signature_delta" and index in thinking:
+                thinking[index]["signature"] += delta.signature
+            elif delta.type == "input_json_delta" and index in tool_index:
+                yield ToolCallDelta(tool_index[index], arguments=delta.partial_json or "")
         elif kind == "message_delta":
-            stop_reason = _text(_object(event.get("delta")).get("stop_reason")) or stop_reason
-            usage = _object(event.get("usage"))
+            stop_reason = getattr(event.delta, "stop_reason", None) or stop_reason
+            usage = getattr(event, "usage", None)
             # Counts in message_delta are totals so far, not increments.
             input_tokens = _input_tokens(usage) or input_tokens
-            output_tokens = _count(usage.get("output_tokens")) or output_tokens
+            output_tokens = getattr(usage, "output_tokens", None) or output_tokens
     if stop_reason is None:
         raise StreamTruncated("the stream ended before the model finished its answer")
     if tool_ids and thinking:
@@ -466,21 +445,9 @@ def _read_stream(events: Any) -> Iterator[Delta]:
     yield FinishDelta(STOP_REASONS.get(stop_reason, stop_reason))
 
 
-def _object(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and value > 0 else 0
-
-
-def _input_tokens(usage: dict[str, Any]) -> int:
+def _input_tokens(usage: Any) -> int:
     """All the input the model read: fresh, written to the prompt cache, read from it."""
     return sum(
-        _count(usage.get(name))
+        getattr(usage, name, None) or 0
         for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
     )
