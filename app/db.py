@@ -78,9 +78,11 @@ def sqlite_path() -> str | None:
 
 
 def checkpoint_wal() -> None:
-    """Copy the SQLite write-ahead log back into the database now, in this thread.
+    """Copy the SQLite write-ahead log back into the database now, in the calling thread.
 
-    A serving worker leaves this to its :class:`WalCheckpointer`; this is for one-off use.
+    It blocks that thread (and a gevent worker's loop, if called from a greenlet) while
+    SQLite copies: for tests and one-off tools. A serving worker has its
+    :class:`WalCheckpointer` do this.
     """
     path = sqlite_path()
     if path is not None:
@@ -92,25 +94,25 @@ class WalCheckpointer:
     """Checkpoints a SQLite database every ``interval`` seconds, from a thread of its own.
 
     SQLite checkpoints inside whichever commit fills the log past its mark: copying the pages
-    and syncing the file took 10-30 ms there, during which the worker's event loop (and every
-    stream on it) stood still. A thread checkpoints instead: SQLite releases the GIL while it
-    copies, so the loop runs on. The thread is a plain OS thread, not one of gevent's pool:
-    a greenlet waiting for the pool's answer heard back 1-4 s late while 1,000 streams kept
-    the loop busy, the log grew meanwhile, and the commit that took it past the mark
-    checkpointed on the loop after all (10-200 ms). A PASSIVE checkpoint never waits for
-    readers or writers: what it cannot copy now, the next one will.
+    and syncing the file stalls the worker's event loop (and every stream on it) for tens of
+    milliseconds. A thread checkpoints instead: SQLite releases the GIL while it copies, so
+    the loop runs on. The thread is a plain OS thread, not one of gevent's pool: a greenlet
+    waiting for the pool's answer hears back only when the busy loop gets round to it,
+    seconds late under load, while the log grows towards the mark. A PASSIVE checkpoint never
+    waits for readers or writers: what it cannot copy now, the next one will.
 
-    The thread touches nothing of gevent's (its locks, sleeps and logging would be greenlet
-    ones): it sleeps with the unpatched time.sleep, and keeps its last error for the caller
-    to log (:meth:`take_error`). It holds one connection for its life and closes it when it
+    The thread uses no gevent primitive (greenlet locks and sleeps do not work across
+    threads): it sleeps with the unpatched time.sleep, and keeps its error for a greenlet to
+    log (:meth:`take_error`). It holds one connection for its life and closes it when it
     stops, within an interval of :meth:`stop`.
     """
 
     def __init__(self, path: str, interval: float) -> None:
-        self.path = path
+        self.path = os.path.abspath(path)
         self.interval = interval
         self._stopped = False
         self._error: str | None = None
+        self._reported: str | None = None
 
     def start(self) -> None:
         monkey.get_original("_thread", "start_new_thread")(self._run, ())
@@ -119,13 +121,21 @@ class WalCheckpointer:
         self._stopped = True
 
     def take_error(self) -> str | None:
-        """Return the last checkpoint's error (once), if it failed."""
-        error, self._error = self._error, None
+        """Return the checkpoints' error if it is new: a lasting one is told once, and again
+        only after a checkpoint has succeeded in between."""
+        error = self._error
+        if error is None:
+            self._reported = None
+            return None
+        if error == self._reported:
+            return None
+        self._reported = error
         return error
 
     def _run(self) -> None:
         sleep = monkey.get_original("time", "sleep")
         connection = None
+        restarted_at = None
         try:
             while True:
                 sleep(self.interval)
@@ -134,7 +144,9 @@ class WalCheckpointer:
                 try:
                     if connection is None:
                         connection = _connect_for_checkpoints(self.path)
-                    _checkpoint(connection)
+                        restarted_at = None
+                    restarted_at = _checkpoint(connection, restarted_at)
+                    self._error = None
                 except Exception as error:  # the database went away, a full disk: try again
                     self._error = f"{type(error).__name__}: {error}"
                     if connection is not None:
@@ -149,36 +161,56 @@ def _connect_for_checkpoints(path: str) -> Any:
     # A connection of its own: peewee's connections belong to greenlets. Opened with the
     # driver peewee uses (pysqlite3 where installed): two copies of SQLite in one process
     # would drop each other's POSIX locks on the file. mode=rw: a database removed meanwhile
-    # is not made anew.
+    # is not made anew. The connection that starts the log over is the one that cuts it back
+    # to journal_size_limit, so it gets the pragma too.
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
     connect = peewee.sqlite3.connect  # type: ignore[attr-defined]
     connection = connect(uri, uri=True, timeout=5, isolation_level=None)
-    connection.execute(f"PRAGMA synchronous = {SQLITE_PRAGMAS['synchronous']}")
+    for name in ("synchronous", "journal_size_limit"):
+        connection.execute(f"PRAGMA {name} = {SQLITE_PRAGMAS[name]}")
     return connection
 
 
-def _checkpoint(connection: Any) -> None:
+def _checkpoint(connection: Any, restarted_at: int | None = None) -> int | None:
+    """Checkpoint; start the log over if it was copied whole.
+
+    Returns the database's data_version after a restart: passed back in, it skips the next
+    checkpoint if no other connection has written since (the restart's own write would
+    otherwise be copied and restarted again, and an idle server would write forever).
+    """
+    if restarted_at is not None and _data_version(connection) == restarted_at:
+        return restarted_at
     busy, frames, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    if not busy and frames > 0 and copied == frames:
-        _restart_wal(connection)
+    if not busy and frames > 0 and copied == frames and _restart_wal(connection):
+        return _data_version(connection)
+    return None
 
 
-def _restart_wal(connection: Any) -> None:
+def _data_version(connection: Any) -> int:
+    # Changes whenever another connection commits (never for this one's own commits).
+    return connection.execute("PRAGMA data_version").fetchone()[0]
+
+
+def _restart_wal(connection: Any) -> bool:
     """Start the write-ahead log over from its first frame, here rather than on the loop.
 
     Once a checkpoint has copied the whole log, the next commit writes it again from the
-    start, and at NORMAL synchronous that commit first syncs the log's new header to disk. A
-    worker's commits run on its event loop, where that sync stopped every stream for 0.3-26
-    ms a few times a second. So the checkpointing thread makes that first commit itself: it
-    rewrites the database's user_version with its own value, which changes nothing but is a
-    write. If a writer holds the lock, or a reader still reads the old log, the restart is
-    left to the next commit, as before.
+    start, and at NORMAL synchronous that commit first syncs the log's new header to disk.
+    A worker's commits run on its event loop, where that sync stopped every stream, a few
+    times a second under load. So the checkpointing thread makes that first commit itself:
+    it rewrites the database's user_version with its own value, which changes nothing but is
+    a write. If a writer holds the lock, the restart is left to the next commit, as before.
+    (A commit on the loop that comes while this one syncs waits for it, in SQLite's busy
+    handler: seldom, and for no longer than the sync it no longer makes itself.)
+
+    Returns whether it committed; a reader still on the old log means the write went to its
+    end instead, which the next checkpoint copies.
     """
     connection.execute("PRAGMA busy_timeout = 0")
     try:
         connection.execute("BEGIN IMMEDIATE")
     except peewee.sqlite3.OperationalError:  # type: ignore[attr-defined]
-        return  # a writer is at work: the log is no longer copied whole anyway
+        return False  # a writer is at work: the log is no longer copied whole anyway
     finally:
         connection.execute("PRAGMA busy_timeout = 5000")
     try:
@@ -186,8 +218,11 @@ def _restart_wal(connection: Any) -> None:
         connection.execute(f"PRAGMA user_version = {int(version)}")
         connection.execute("COMMIT")
     except BaseException:
-        connection.execute("ROLLBACK")
+        # SQLite may have rolled back already: the first error is the one to raise.
+        with contextlib.suppress(peewee.sqlite3.Error):  # type: ignore[attr-defined]
+            connection.execute("ROLLBACK")
         raise
+    return True
 
 
 def migrations_directory() -> str:

@@ -1,16 +1,20 @@
 """Statements built once by peewee and run many times: app.db.Statement."""
 
 import datetime
-import sqlite3
+import os
 import time
 from contextlib import closing
 
 import gevent
 import pytest
-from peewee import fn
+from peewee import (
+    fn,
+    sqlite3,  # the driver peewee uses: pysqlite3 where it is installed
+)
 
 from agent_runs import create_app
 from agent_runs.db import (
+    SQLITE_PRAGMAS,
     Statement,
     WalCheckpointer,
     checkpoint_wal,
@@ -92,12 +96,17 @@ def test_run_ids_sort_in_the_order_runs_were_created():
 
 
 def _rows_in_database_file(path, table):
-    """Count a table's rows in the database file alone, as if the write-ahead log were not there."""
+    """Count a table's rows in the database file alone, as if the write-ahead log were not there.
+
+    -1 if the file was caught half written by a checkpoint (immutable=1 takes no lock).
+    """
     with closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as connection:
         try:
             return connection.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0]
         except sqlite3.OperationalError:  # the table itself is still in the log only
             return 0
+        except sqlite3.DatabaseError:
+            return -1
 
 
 def test_checkpoint_wal_copies_the_log_into_the_database_file(app, database_url):
@@ -152,6 +161,36 @@ def test_checkpoint_wal_leaves_the_log_alone_while_a_reader_holds_it(app, databa
         assert ApiToken.select().count() == 2
 
 
+def test_checkpoint_wal_leaves_the_restart_to_the_next_commit_while_a_writer_holds_the_lock(
+    app, database_url
+):
+    path = database_url.removeprefix("sqlite:///")
+    with database.connection_context():
+        ApiToken.create(token_hash="h", prefix="p", org_id="o")
+    with closing(sqlite3.connect(path, isolation_level=None, timeout=0)) as writer:
+        writer.execute("BEGIN IMMEDIATE")
+        before = _wal_salts(path)
+        started = time.monotonic()
+        checkpoint_wal()  # copies the log, finds the lock taken: neither waits nor fails
+        assert time.monotonic() - started < 2.5  # not its connection's 5 s busy timeout
+        assert _wal_salts(path) == before
+        assert _rows_in_database_file(path, "api_token") == 1
+        writer.execute("ROLLBACK")
+
+
+def test_checkpoint_wal_cuts_a_grown_log_back_to_the_size_limit(app, database_url, monkeypatch):
+    path = database_url.removeprefix("sqlite:///")
+    monkeypatch.setitem(SQLITE_PRAGMAS, "journal_size_limit", 32 * 1024)
+    with database.connection_context(), database.atomic():
+        for n in range(200):
+            ApiToken.create(token_hash=f"{n}" + "x" * 5000, prefix="p", org_id="o")
+    assert os.path.getsize(f"{path}-wal") > 1_000_000
+    checkpoint_wal()
+    assert os.path.getsize(f"{path}-wal") <= 32 * 1024
+    with database.connection_context():
+        assert ApiToken.select().count() == 200
+
+
 def _eventually(check, seconds=10.0):
     deadline = time.monotonic() + seconds
     while not check():
@@ -173,13 +212,51 @@ def test_a_wal_checkpointer_copies_the_log_from_its_own_thread_until_stopped(app
     assert checkpointer.take_error() is None
 
 
-def test_a_wal_checkpointer_keeps_its_error_and_makes_no_database_where_there_is_none(tmp_path):
+def _files(path):
+    """What a checkpoint or a write changes: the log's header, the files' sizes and times."""
+    stats = [os.stat(name) for name in (path, f"{path}-wal")]
+    return _wal_salts(path), [(st.st_size, st.st_mtime_ns) for st in stats]
+
+
+def test_an_idle_wal_checkpointer_writes_nothing(app, database_url):
+    # Its restart of the log is a write of its own: copied and restarted in turn, it would
+    # write (and sync) every interval on a server with nothing to do.
+    path = database_url.removeprefix("sqlite:///")
+    checkpointer = WalCheckpointer(path, interval=0.01)
+    checkpointer.start()
+    try:
+        with database.connection_context():
+            ApiToken.create(token_hash="h", prefix="p", org_id="o")
+        _eventually(lambda: _rows_in_database_file(path, "api_token") == 1)
+
+        def settled():
+            before = _files(path)
+            gevent.sleep(0.1)  # ten intervals
+            return _files(path) == before
+
+        _eventually(settled)
+        before = _files(path)
+        gevent.sleep(0.3)
+        assert _files(path) == before
+        with database.connection_context():  # a write wakes it again
+            ApiToken.create(token_hash="h2", prefix="p", org_id="o")
+        _eventually(lambda: _rows_in_database_file(path, "api_token") == 2)
+    finally:
+        checkpointer.stop()
+    assert checkpointer.take_error() is None
+
+
+def test_a_wal_checkpointer_tells_its_error_once_and_makes_no_database_where_there_is_none(
+    tmp_path,
+):
     path = tmp_path / "gone.sqlite3"
     checkpointer = WalCheckpointer(str(path), interval=0.01)
     checkpointer.start()
     try:
         errors = []
         _eventually(lambda: bool(errors.append(checkpointer.take_error()) or any(errors)))
+        gevent.sleep(0.1)  # ten more failed checkpoints
+        assert checkpointer.take_error() is None
     finally:
         checkpointer.stop()
     assert "unable to open database" in next(e for e in errors if e)
