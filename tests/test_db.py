@@ -3,7 +3,7 @@
 import datetime
 import os
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 
 import gevent
 import pytest
@@ -198,17 +198,24 @@ def _eventually(check, seconds=10.0):
         gevent.sleep(0.02)
 
 
-def test_a_wal_checkpointer_copies_the_log_from_its_own_thread_until_stopped(app, database_url):
-    path = database_url.removeprefix("sqlite:///")
-    checkpointer = WalCheckpointer(path, interval=0.01)
+@contextmanager
+def _checkpointing(path):
+    """A WalCheckpointer on ``path`` every 10 ms while the block runs."""
+    checkpointer = WalCheckpointer(str(path), interval=0.01)
     checkpointer.start()
     try:
+        yield checkpointer
+    finally:
+        checkpointer.stop()
+
+
+def test_a_wal_checkpointer_copies_the_log_from_its_own_thread_until_stopped(app, database_url):
+    path = database_url.removeprefix("sqlite:///")
+    with _checkpointing(path) as checkpointer:
         with database.connection_context():
             for n in range(5):
                 ApiToken.create(token_hash=f"h{n}", prefix="p", org_id="o")
         _eventually(lambda: _rows_in_database_file(path, "api_token") == 5)
-    finally:
-        checkpointer.stop()
     assert checkpointer.take_error() is None
 
 
@@ -222,9 +229,7 @@ def test_an_idle_wal_checkpointer_writes_nothing(app, database_url):
     # Its restart of the log is a write of its own: copied and restarted in turn, it would
     # write (and sync) every interval on a server with nothing to do.
     path = database_url.removeprefix("sqlite:///")
-    checkpointer = WalCheckpointer(path, interval=0.01)
-    checkpointer.start()
-    try:
+    with _checkpointing(path) as checkpointer:
         with database.connection_context():
             ApiToken.create(token_hash="h", prefix="p", org_id="o")
         _eventually(lambda: _rows_in_database_file(path, "api_token") == 1)
@@ -241,8 +246,6 @@ def test_an_idle_wal_checkpointer_writes_nothing(app, database_url):
         with database.connection_context():  # a write wakes it again
             ApiToken.create(token_hash="h2", prefix="p", org_id="o")
         _eventually(lambda: _rows_in_database_file(path, "api_token") == 2)
-    finally:
-        checkpointer.stop()
     assert checkpointer.take_error() is None
 
 
@@ -250,15 +253,11 @@ def test_a_wal_checkpointer_tells_its_error_once_and_makes_no_database_where_the
     tmp_path,
 ):
     path = tmp_path / "gone.sqlite3"
-    checkpointer = WalCheckpointer(str(path), interval=0.01)
-    checkpointer.start()
-    try:
+    with _checkpointing(path) as checkpointer:
         errors = []
         _eventually(lambda: bool(errors.append(checkpointer.take_error()) or any(errors)))
         gevent.sleep(0.1)  # ten more failed checkpoints
         assert checkpointer.take_error() is None
-    finally:
-        checkpointer.stop()
     assert "unable to open database" in next(e for e in errors if e)
     assert not path.exists()
 
