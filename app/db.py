@@ -135,7 +135,6 @@ class WalCheckpointer:
     def _run(self) -> None:
         sleep = monkey.get_original("time", "sleep")
         connection = None
-        restarted_at = None
         try:
             while True:
                 sleep(self.interval)
@@ -144,8 +143,7 @@ class WalCheckpointer:
                 try:
                     if connection is None:
                         connection = _connect_for_checkpoints(self.path)
-                        restarted_at = None
-                    restarted_at = _checkpoint(connection, restarted_at)
+                    _checkpoint(connection)
                     self._error = None
                 except Exception as error:  # the database went away, a full disk: try again
                     self._error = f"{type(error).__name__}: {error}"
@@ -171,27 +169,20 @@ def _connect_for_checkpoints(path: str) -> Any:
     return connection
 
 
-def _checkpoint(connection: Any, restarted_at: int | None = None) -> int | None:
+def _checkpoint(connection: Any) -> None:
     """Checkpoint; start the log over if it was copied whole.
 
-    Returns the database's data_version after a restart: passed back in, it skips the next
-    checkpoint if no other connection has written since (the restart's own write would
-    otherwise be copied and restarted again, and an idle server would write forever).
+    A log whose one frame is a restart's own write (this connection's, or another worker's)
+    is not started over again: that would be a write for the next pass, or the other worker,
+    to answer with one of its own, and idle workers would write forever. A pass over a log
+    copied whole writes nothing.
     """
-    if restarted_at is not None and _data_version(connection) == restarted_at:
-        return restarted_at
     busy, frames, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    if not busy and frames > 0 and copied == frames and _restart_wal(connection):
-        return _data_version(connection)
-    return None
+    if not busy and frames > 1 and copied == frames:
+        _restart_wal(connection)
 
 
-def _data_version(connection: Any) -> int:
-    # Changes whenever another connection commits (never for this one's own commits).
-    return connection.execute("PRAGMA data_version").fetchone()[0]
-
-
-def _restart_wal(connection: Any) -> bool:
+def _restart_wal(connection: Any) -> None:
     """Start the write-ahead log over from its first frame, here rather than on the loop.
 
     Once a checkpoint has copied the whole log, the next commit writes it again from the
@@ -201,16 +192,14 @@ def _restart_wal(connection: Any) -> bool:
     it rewrites the database's user_version with its own value, which changes nothing but is
     a write. If a writer holds the lock, the restart is left to the next commit, as before.
     (A commit on the loop that comes while this one syncs waits for it, in SQLite's busy
-    handler: seldom, and for no longer than the sync it no longer makes itself.)
-
-    Returns whether it committed; a reader still on the old log means the write went to its
-    end instead, which the next checkpoint copies.
+    handler: seldom, and for no longer than the sync it no longer makes itself.) A reader
+    still on the old log means the write goes to its end instead, for the next pass to copy.
     """
     connection.execute("PRAGMA busy_timeout = 0")
     try:
         connection.execute("BEGIN IMMEDIATE")
     except peewee.sqlite3.OperationalError:  # type: ignore[attr-defined]
-        return False  # a writer is at work: the log is no longer copied whole anyway
+        return  # a writer is at work: the log is no longer copied whole anyway
     finally:
         connection.execute("PRAGMA busy_timeout = 5000")
     try:
@@ -222,7 +211,6 @@ def _restart_wal(connection: Any) -> bool:
         with contextlib.suppress(peewee.sqlite3.Error):  # type: ignore[attr-defined]
             connection.execute("ROLLBACK")
         raise
-    return True
 
 
 def migrations_directory() -> str:

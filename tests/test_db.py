@@ -225,6 +225,17 @@ def _files(path):
     return _wal_salts(path), [(st.st_size, st.st_mtime_ns) for st in stats]
 
 
+def _settled(path):
+    """A check for _eventually: the files stay as they are for ten intervals."""
+
+    def check():
+        before = _files(path)
+        gevent.sleep(0.1)
+        return _files(path) == before
+
+    return check
+
+
 def test_an_idle_wal_checkpointer_writes_nothing(app, database_url):
     # Its restart of the log is a write of its own: copied and restarted in turn, it would
     # write (and sync) every interval on a server with nothing to do.
@@ -234,12 +245,7 @@ def test_an_idle_wal_checkpointer_writes_nothing(app, database_url):
             ApiToken.create(token_hash="h", prefix="p", org_id="o")
         _eventually(lambda: _rows_in_database_file(path, "api_token") == 1)
 
-        def settled():
-            before = _files(path)
-            gevent.sleep(0.1)  # ten intervals
-            return _files(path) == before
-
-        _eventually(settled)
+        _eventually(_settled(path))
         before = _files(path)
         gevent.sleep(0.3)
         assert _files(path) == before
@@ -247,6 +253,21 @@ def test_an_idle_wal_checkpointer_writes_nothing(app, database_url):
             ApiToken.create(token_hash="h2", prefix="p", org_id="o")
         _eventually(lambda: _rows_in_database_file(path, "api_token") == 2)
     assert checkpointer.take_error() is None
+
+
+def test_idle_wal_checkpointers_of_two_workers_write_nothing(app, database_url):
+    # Each sees the other's restart of the log as someone else's write: neither may answer
+    # it with a restart of its own, or two idle workers would write to each other forever.
+    path = database_url.removeprefix("sqlite:///")
+    with _checkpointing(path) as first, _checkpointing(path) as second:
+        with database.connection_context():
+            ApiToken.create(token_hash="h", prefix="p", org_id="o")
+        _eventually(lambda: _rows_in_database_file(path, "api_token") == 1)
+        _eventually(_settled(path))
+        before = _files(path)
+        gevent.sleep(0.3)
+        assert _files(path) == before
+    assert first.take_error() is None and second.take_error() is None
 
 
 def test_a_wal_checkpointer_tells_its_error_once_and_makes_no_database_where_there_is_none(
