@@ -3,7 +3,7 @@
 import datetime
 import os
 import time
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 
 import gevent
 import pytest
@@ -236,38 +236,24 @@ def _settled(path):
     return check
 
 
-def test_an_idle_wal_checkpointer_writes_nothing(app, database_url):
-    # Its restart of the log is a write of its own: copied and restarted in turn, it would
-    # write (and sync) every interval on a server with nothing to do.
+@pytest.mark.parametrize("workers", [1, 2])
+def test_idle_wal_checkpointers_write_nothing(app, database_url, workers):
+    # A restart of the log is a write: copied and restarted in turn, by the same worker or
+    # by the other, it would have idle workers writing (and syncing) every interval forever.
     path = database_url.removeprefix("sqlite:///")
-    with _checkpointing(path) as checkpointer:
+    with ExitStack() as stack:
+        checkpointers = [stack.enter_context(_checkpointing(path)) for _ in range(workers)]
         with database.connection_context():
             ApiToken.create(token_hash="h", prefix="p", org_id="o")
         _eventually(lambda: _rows_in_database_file(path, "api_token") == 1)
-
         _eventually(_settled(path))
         before = _files(path)
         gevent.sleep(0.3)
         assert _files(path) == before
-        with database.connection_context():  # a write wakes it again
+        with database.connection_context():  # a write wakes them again
             ApiToken.create(token_hash="h2", prefix="p", org_id="o")
         _eventually(lambda: _rows_in_database_file(path, "api_token") == 2)
-    assert checkpointer.take_error() is None
-
-
-def test_idle_wal_checkpointers_of_two_workers_write_nothing(app, database_url):
-    # Each sees the other's restart of the log as someone else's write: neither may answer
-    # it with a restart of its own, or two idle workers would write to each other forever.
-    path = database_url.removeprefix("sqlite:///")
-    with _checkpointing(path) as first, _checkpointing(path) as second:
-        with database.connection_context():
-            ApiToken.create(token_hash="h", prefix="p", org_id="o")
-        _eventually(lambda: _rows_in_database_file(path, "api_token") == 1)
-        _eventually(_settled(path))
-        before = _files(path)
-        gevent.sleep(0.3)
-        assert _files(path) == before
-    assert first.take_error() is None and second.take_error() is None
+    assert [checkpointer.take_error() for checkpointer in checkpointers] == [None] * workers
 
 
 def test_a_wal_checkpointer_tells_its_error_once_and_makes_no_database_where_there_is_none(
