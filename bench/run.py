@@ -215,25 +215,26 @@ def profile_summary(path: Path, top: int = 15) -> dict:
 # Servers -------------------------------------------------------------------------------------
 
 
-def agents_file(folder: Path, paced: Shape, fast: Shape, model_url: str = "") -> Path:
-    """Write the benchmark agents: on the scripted model, or on the fake model server at
-    ``model_url`` (``openai`` or ``anthropic``, see bench/fake_model.py)."""
+def agents_file(
+    folder: Path, paced: Shape, fast: Shape, model: str = "scripted", base_url: str = ""
+) -> Path:
+    """Write the benchmark agents: on the scripted model, or (``openai``, ``anthropic``) on
+    the fake model server at ``base_url`` (see bench/fake_model.py)."""
     path = folder / "agents.yaml"
     entries = []
     for shape in (paced, fast):
-        if model_url:
-            kind, _, base_url = model_url.partition("+")
-            model = f"{kind}:bench-{shape.deltas}-{shape.delay}"
+        if model != "scripted":
+            name = f"{model}:bench-{shape.deltas}-{shape.delay}"
             options = f"{{base_url: '{base_url}', api_key: bench, max_retries: 0}}"
         else:
-            model = "scripted"
+            name = "scripted"
             options = f"{{delay: {shape.delay}, content_deltas: {shape.deltas}}}"
         entries.append(
             f"""  - id: {shape.agent}
     name: Benchmark agent {shape.agent}
     description: Calls echo once, then answers in {shape.deltas} content deltas.
     instructions: Call echo with the message, then answer.
-    model: {model}
+    model: {name}
     model_options: {options}
     tools:
       - bench_tools:echo
@@ -292,9 +293,9 @@ class Server:
     def __enter__(self) -> Server:
         try:
             if self.target == "ours":
-                model_url = self._start_model() if self.model != "scripted" else ""
+                base_url = self._start_model() if self.model != "scripted" else ""
                 self.env["AGENT_RUNS_AGENTS_FILE"] = str(
-                    agents_file(self.folder, self.paced, self.fast, model_url)
+                    agents_file(self.folder, self.paced, self.fast, self.model, base_url)
                 )
                 created = subprocess.run(
                     [sys.executable, "-m", "agent_runs", "tokens", "create", "--org", "bench"],
@@ -359,7 +360,7 @@ class Server:
         )
 
     def _start_model(self) -> str:
-        """Start bench/fake_model.py; return ``<kind>+<its base URL>``."""
+        """Start bench/fake_model.py; return its base URL for this server's model."""
         self.model_process = subprocess.Popen(
             [sys.executable, str(BENCH / "fake_model.py")],
             stdout=subprocess.PIPE,
@@ -371,7 +372,7 @@ class Server:
         if not port.isdigit():
             raise RuntimeError("the fake model server did not start")
         root = f"http://127.0.0.1:{port}"
-        return f"{self.model}+{root}/v1" if self.model == "openai" else f"{self.model}+{root}"
+        return f"{root}/v1" if self.model == "openai" else root
 
     def __exit__(self, *exc_info: object) -> None:
         if self.model_process is not None:

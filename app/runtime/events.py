@@ -261,8 +261,6 @@ class EventLog:
                 # Keep everything for the next attempt rather than lose it.
                 self._pending.extendleft(reversed(written))
                 raise
-            if not written:
-                return False
             publish(written)
             for ending in endings:
                 ending.done()
