@@ -20,13 +20,17 @@ def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
+# Built once: json.dumps with options builds a JSONEncoder on every call.
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 class JSONField(peewee.TextField):
     """A JSON document stored as text."""
 
     def db_value(self, value: Any) -> str | None:
         if value is None:
             return None
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        return _encode_json(value)
 
     def python_value(self, value: str | None) -> Any:
         return None if value is None else json.loads(value)

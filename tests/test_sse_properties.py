@@ -120,6 +120,19 @@ def test_one_frame_is_one_data_line_with_its_id(event):
 
 
 @settings(max_examples=300, deadline=None)
+@given(EVENTS)
+def test_a_frame_is_byte_for_byte_what_json_dumps_writes(event):
+    # The encoder writes the JSON by hand for speed; it must not drift from json.dumps.
+    seq, type, data, timestamp = event
+    payload = json.dumps(
+        {"event": type, "data": data, "timestamp": timestamp},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    assert encode_event(seq, type, data, timestamp) == f"id: {seq}\ndata: {payload}\n\n".encode()
+
+
+@settings(max_examples=300, deadline=None)
 @given(
     events=st.lists(EVENTS, min_size=1, max_size=6),
     pings=st.lists(st.booleans(), min_size=6, max_size=6),
