@@ -11,7 +11,11 @@ no run greenlet: the floor the same stack sets.
 ``GET /api/agents/<agent_id>/runs/status?runIds=a,b`` answers AgentRun-shaped objects for the
 ids asked, made up on the spot: the cost of parsing the query and serialising 100 objects.
 
+``floor`` answers the same two requests as a plain WSGI callable, without Flask: what gunicorn
+and gevent cost on their own (``bench/run.py --targets ours,baseline,floor``).
+
     gunicorn -k gevent -w 1 --worker-connections 12000 --chdir bench baseline:app
+    gunicorn -k gevent -w 1 --worker-connections 12000 --chdir bench baseline:floor
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from urllib.parse import parse_qs
 
 import gevent
 from flask import Flask, Response, jsonify, request
@@ -93,31 +98,63 @@ def stream_run(agent_id: str) -> Response:
 
 @app.get("/api/agents/<agent_id>/runs/status")
 def batch_status(agent_id: str) -> Response:
-    ids = [part for part in request.args.get("runIds", "").split(",") if part][:100]
+    return jsonify(_statuses(agent_id, request.args.get("runIds", "")))
+
+
+def _statuses(agent_id: str, run_ids: str) -> list[dict]:
+    ids = [part for part in run_ids.split(",") if part][:100]
     now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
-    return jsonify(
-        [
-            {
-                "id": run_id,
-                "agentId": agent_id,
-                "sessionId": run_id,
-                "userId": None,
-                "orgId": "bench",
-                "status": "COMPLETED",
-                "model": "scripted",
-                "content": "",
-                "usage": {"inputTokens": 0, "outputTokens": 0},
-                "error": None,
-                "requiredAction": None,
-                "createdAt": now,
-                "startedAt": now,
-                "completedAt": now,
-            }
-            for run_id in ids
-        ]
-    )
+    return [
+        {
+            "id": run_id,
+            "agentId": agent_id,
+            "sessionId": run_id,
+            "userId": None,
+            "orgId": "bench",
+            "status": "COMPLETED",
+            "model": "scripted",
+            "content": "",
+            "usage": {"inputTokens": 0, "outputTokens": 0},
+            "error": None,
+            "requiredAction": None,
+            "createdAt": now,
+            "startedAt": now,
+            "completedAt": now,
+        }
+        for run_id in ids
+    ]
 
 
 @app.get("/api/agents")
 def agents() -> Response:
     return jsonify([{"id": "bench"}, {"id": "bench_fast"}])
+
+
+def floor(environ: dict, start_response: Callable) -> Iterable[bytes]:
+    """The baseline's endpoints as a bare WSGI callable: the same frames at the same pacing,
+    and the same status answer, with no framework in between."""
+    method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+    query = {name: values[0] for name, values in parse_qs(environ.get("QUERY_STRING", "")).items()}
+    parts = path.strip("/").split("/")  # api, agents, <agent_id>, runs, stream | status
+    if method == "POST" and len(parts) == 5 and parts[3:] == ["runs", "stream"]:
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        try:
+            message = json.loads(body).get("message", "")
+        except (ValueError, AttributeError):
+            message = ""
+        events = _events(message, int(query.get("deltas", 50)), float(query.get("delay", 0.02)))
+        start_response(
+            "200 OK", [("Content-Type", "text/event-stream; charset=utf-8"), *SSE_HEADERS.items()]
+        )
+        return (_frame(seq, type, data) for seq, (type, data) in enumerate(events, start=1))
+    if method == "GET" and len(parts) == 5 and parts[3:] == ["runs", "status"]:
+        answer = json.dumps(_statuses(parts[2], query.get("runIds", ""))).encode()
+    elif method == "GET" and path == "/api/agents":
+        answer = json.dumps([{"id": "bench"}, {"id": "bench_fast"}]).encode()
+    else:
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found"]
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(answer)))]
+    )
+    return [answer]

@@ -52,7 +52,8 @@ PY_SPY = shutil.which("py-spy") or "py-spy"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
-TARGETS = ("ours", "baseline")
+# floor: the baseline's endpoints as a bare WSGI callable, to show what gunicorn itself costs.
+TARGETS = ("ours", "baseline", "floor")
 # The load client's one token stands for thousands of callers: the per-token rate limit and
 # the per-organisation cap on active runs would turn most of its streams into 429s.
 OURS_LIMITS_OFF = {"AGENT_RUNS_RATE_LIMIT": "0", "AGENT_RUNS_MAX_ACTIVE_RUNS_PER_ORG": "0"}
@@ -284,7 +285,9 @@ class Server:
 
     @property
     def app(self) -> str:
-        return "agent_runs:create_app()" if self.target == "ours" else "baseline:app"
+        return {"ours": "agent_runs:create_app()", "floor": "baseline:floor"}.get(
+            self.target, "baseline:app"
+        )
 
     @property
     def pids(self) -> list[int]:
@@ -397,7 +400,7 @@ class Server:
 
     def stream_path(self, shape: Shape) -> str:
         path = f"/api/agents/{shape.agent}/runs/stream"
-        if self.target == "baseline":
+        if self.target != "ours":
             path += f"?deltas={shape.deltas}&delay={shape.delay}"
         return path
 
@@ -707,7 +710,7 @@ def summarise(results: dict) -> None:
             if key in phases[t].get("concurrency", {})  # a phase that failed has no figures
         }
         summary["concurrency"][key] = per
-        if len(per) == 2:
+        if "ours" in per and "baseline" in per:
             ratios["concurrency"][key] = {
                 name: ratio(per["ours"][name], per["baseline"][name])
                 for name in (
@@ -722,7 +725,7 @@ def summarise(results: dict) -> None:
             }
     per = {t: figures(phases[t]["saturation"]) for t in TARGETS if "saturation" in phases[t]}
     summary["saturation"] = per
-    if len(per) == 2:
+    if "ours" in per and "baseline" in per:
         ratios["saturation"] = {
             name: ratio(per["ours"][name], per["baseline"][name])
             for name in ("events_per_s", "cpu_us_per_event")
@@ -740,7 +743,7 @@ def summarise(results: dict) -> None:
                 "streams_errors": during["streams"]["errors"],
             }
     summary["status_during"] = per
-    if len(per) == 2:
+    if "ours" in per and "baseline" in per:
         ratios["status_during"] = {
             name: ratio(per["ours"][name], per["baseline"][name]) for name in ("p50_ms", "p99_ms")
         }
@@ -943,7 +946,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", help="comma-separated C values (default 100,1000,5000)")
     parser.add_argument("--quick", action="store_true", help="C = 20,100 and fewer polls")
     parser.add_argument("--out", help="results file (default bench/results/<time>.json)")
-    parser.add_argument("--targets", default="ours,baseline", help="ours, baseline or both")
+    parser.add_argument(
+        "--targets",
+        default="ours,baseline",
+        help="comma-separated: ours, baseline, floor (the baseline without Flask)",
+    )
     parser.add_argument("--status-polls", type=int, help="status polls after each phase")
     parser.add_argument(
         "--status-streams", type=int, help="streams running while polling (0: skip that phase)"
