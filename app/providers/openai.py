@@ -31,7 +31,12 @@ model call with :class:`ProviderError`. There are no ``AGENT_RUNS_OPENAI_*`` var
 SDK's own ``OPENAI_*`` ones are what users of these servers already set.
 
 The SDK's own retries are off (the policy above is ours). One client per (base_url, api_key)
-is shared by every run of the process, so its TLS setup and connection pool are made once.
+is shared by every run of the process, so its TLS context and connection pool are made once.
+The SDK's synchronous stream closes its connection at ``data: [DONE]`` without reading the
+body's last bytes (openai-python #3440), so each call opens a new one. Reading them, to keep
+the connection, cost more CPU than the handshakes it saved (``bench/run.py --model openai``,
+also over TLS): before every request the pool probes each idle connection through gevent's
+cooperative ``poll``.
 
 Reasoning comes from the non-standard ``reasoning_content`` or ``reasoning`` field of a delta
 (DeepSeek, vLLM, Ollama, OpenRouter) and from ``<think>...</think>`` inside the content.
