@@ -6,7 +6,7 @@ benchmark's agent produces on our server (START, two REASONING_DELTA, TOOL_START
 ``data:`` line), at the same pacing as the scripted model (``delay`` seconds before each
 reasoning delta, before the tool call and before each content delta). Query parameters
 ``deltas`` (default 50) and ``delay`` (default 0.02) choose the shape. No auth, no database,
-no run greenlet: the floor the same stack sets.
+no run greenlet: what Flask on the same stack costs.
 
 ``GET /api/agents/<agent_id>/runs/status?runIds=a,b`` answers AgentRun-shaped objects for the
 ids asked, made up on the spot: the cost of parsing the query and serialising 100 objects.
@@ -135,8 +135,10 @@ def floor(environ: dict, start_response: Callable) -> Iterable[bytes]:
     and the same status answer, with no framework in between."""
     method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
     query = {name: values[0] for name, values in parse_qs(environ.get("QUERY_STRING", "")).items()}
-    parts = path.strip("/").split("/")  # api, agents, <agent_id>, runs, stream | status
-    if method == "POST" and len(parts) == 5 and parts[3:] == ["runs", "stream"]:
+    # "", api, agents, <agent_id>, runs, stream | status
+    parts = path.split("/")
+    run_path = len(parts) == 6 and parts[:3] == ["", "api", "agents"] and parts[3] != ""
+    if method == "POST" and run_path and parts[4:] == ["runs", "stream"]:
         body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
         try:
             message = json.loads(body).get("message", "")
@@ -147,10 +149,10 @@ def floor(environ: dict, start_response: Callable) -> Iterable[bytes]:
             "200 OK", [("Content-Type", "text/event-stream; charset=utf-8"), *SSE_HEADERS.items()]
         )
         return (_frame(seq, type, data) for seq, (type, data) in enumerate(events, start=1))
-    if method == "GET" and len(parts) == 5 and parts[3:] == ["runs", "status"]:
-        answer = json.dumps(_statuses(parts[2], query.get("runIds", ""))).encode()
+    if method == "GET" and run_path and parts[4:] == ["runs", "status"]:
+        answer = _as_jsonify(_statuses(parts[3], query.get("runIds", "")))
     elif method == "GET" and path == "/api/agents":
-        answer = json.dumps([{"id": "bench"}, {"id": "bench_fast"}]).encode()
+        answer = _as_jsonify([{"id": "bench"}, {"id": "bench_fast"}])
     else:
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found"]
@@ -158,3 +160,8 @@ def floor(environ: dict, start_response: Callable) -> Iterable[bytes]:
         "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(answer)))]
     )
     return [answer]
+
+
+def _as_jsonify(value: object) -> bytes:
+    """JSON as Flask's jsonify writes it outside debug mode: compact, keys sorted, a newline."""
+    return (json.dumps(value, separators=(",", ":"), sort_keys=True) + "\n").encode()

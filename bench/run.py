@@ -834,7 +834,7 @@ def table(results: dict) -> str:
         r = ratios["concurrency"].get(key)
         if r:
             out.append(
-                f"{key:>5} {'ratio':<8} {'':>9} {'':>4} {number(r['ttfe_p50_ms'], 2):>9} "
+                f"{key:>5} {'ours/bl':<8} {'':>9} {'':>4} {number(r['ttfe_p50_ms'], 2):>9} "
                 f"{number(r['ttfe_p99_ms'], 2):>8} {number(r['cpu_us_per_event'], 2):>9} "
                 f"{number(r['mem_kb_per_stream'], 2):>8} {'':>5} "
                 f"{number(r['mem_kb_per_open_stream'], 2):>7} "
@@ -858,7 +858,7 @@ def table(results: dict) -> str:
         r = ratios["saturation"]
         if r:
             out.append(
-                f"  ratio    {number(r['events_per_s'], 2):>8} (events/s)  "
+                f"  ours/bl  {number(r['events_per_s'], 2):>8} (events/s)  "
                 f"{number(r['cpu_us_per_event'], 2):>6} (us/event)"
             )
     during = summary["status_during"]
