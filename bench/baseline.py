@@ -81,18 +81,22 @@ def _events(message: str, deltas: int, delay: float) -> Iterator[tuple[str, str]
     yield "STOP", ""
 
 
+def _frames(message: str, deltas: int, delay: float) -> Iterator[bytes]:
+    """The SSE frames of one run, ids from 1."""
+    for seq, (type, data) in enumerate(_events(message, deltas, delay), start=1):
+        yield _frame(seq, type, data)
+
+
 @app.post("/api/agents/<agent_id>/runs/stream")
 def stream_run(agent_id: str) -> Response:
     message = (request.get_json(silent=True) or {}).get("message", "")
     deltas = int(request.args.get("deltas", 50))
     delay = float(request.args.get("delay", 0.02))
-
-    def frames() -> Iterator[bytes]:
-        for seq, (type, data) in enumerate(_events(message, deltas, delay), start=1):
-            yield _frame(seq, type, data)
-
     return Response(
-        frames(), mimetype="text/event-stream", headers=SSE_HEADERS, direct_passthrough=True
+        _frames(message, deltas, delay),
+        mimetype="text/event-stream",
+        headers=SSE_HEADERS,
+        direct_passthrough=True,
     )
 
 
@@ -125,9 +129,12 @@ def _statuses(agent_id: str, run_ids: str) -> list[dict]:
     ]
 
 
+AGENTS = [{"id": "bench"}, {"id": "bench_fast"}]
+
+
 @app.get("/api/agents")
 def agents() -> Response:
-    return jsonify([{"id": "bench"}, {"id": "bench_fast"}])
+    return jsonify(AGENTS)
 
 
 def floor(environ: dict, start_response: Callable) -> Iterable[bytes]:
@@ -144,15 +151,14 @@ def floor(environ: dict, start_response: Callable) -> Iterable[bytes]:
             message = json.loads(body).get("message", "")
         except (ValueError, AttributeError):
             message = ""
-        events = _events(message, int(query.get("deltas", 50)), float(query.get("delay", 0.02)))
         start_response(
             "200 OK", [("Content-Type", "text/event-stream; charset=utf-8"), *SSE_HEADERS.items()]
         )
-        return (_frame(seq, type, data) for seq, (type, data) in enumerate(events, start=1))
+        return _frames(message, int(query.get("deltas", 50)), float(query.get("delay", 0.02)))
     if method == "GET" and run_path and parts[4:] == ["runs", "status"]:
         answer = _as_jsonify(_statuses(parts[3], query.get("runIds", "")))
     elif method == "GET" and path == "/api/agents":
-        answer = _as_jsonify([{"id": "bench"}, {"id": "bench_fast"}])
+        answer = _as_jsonify(AGENTS)
     else:
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found"]

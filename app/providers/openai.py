@@ -344,7 +344,7 @@ def _deltas(delta: dict[str, Any], think: _ThinkSplitter) -> Iterator[Delta]:
             id=call["id"] if isinstance(call.get("id"), str) and call["id"] else None,
             name=name if isinstance(name, str) and name else None,
             # Some servers send the arguments as an object rather than its JSON text.
-            arguments=arguments if isinstance(arguments, str) else _arguments(arguments or ""),
+            arguments=_arguments(arguments or ""),
         )
 
 

@@ -53,8 +53,7 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-# json.dumps with options builds a JSONEncoder on every call; these are built once.
-_json_string = encode_basestring  # a str as JSON, as json.dumps(ensure_ascii=False) writes it
+# json.dumps with options builds a JSONEncoder on every call: built once.
 _encode_data = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
@@ -62,13 +61,14 @@ def encode_event(seq: int, type: str, data: str, timestamp: int) -> bytes:
     """Return one SSE frame in the seed's framing, preceded by the event's id.
 
     The payload is ``json.dumps({"event": type, "data": data, "timestamp": timestamp},
-    separators=(",", ":"), ensure_ascii=False)``, put together from its parts: a frame is
-    made for every token, and ``json.dumps`` builds an encoder each call, eight times the
-    cost. JSON escapes every newline inside ``data``, so the payload is always a single
-    ``data:`` line, whatever text a model produced.
+    separators=(",", ":"), ensure_ascii=False)``, put together from its parts, its strings
+    escaped by the ``encode_basestring`` that call uses: a frame is made for every token, and
+    ``json.dumps`` builds an encoder each call, seven times the cost. JSON escapes every
+    newline inside ``data``, so the payload is always a single ``data:`` line, whatever text
+    a model produced.
     """
     return (
-        f'id: {seq}\ndata: {{"event":{_json_string(type)},"data":{_json_string(data)},'
+        f'id: {seq}\ndata: {{"event":{encode_basestring(type)},"data":{encode_basestring(data)},'
         f'"timestamp":{timestamp:d}}}\n\n'
     ).encode()
 
