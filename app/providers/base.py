@@ -73,6 +73,11 @@ class ModelRequest:
     max_tokens: int | None = None
     # "answer" for the agent's turns, "followups" for the call that suggests next questions.
     purpose: str = "answer"
+    # A JSON Schema the final answer must be an instance of (the run's structured output),
+    # or None for free text. A back end that can constrain its output to it should: a
+    # grammar, a forced tool, the server's own ``response_format``. The loop validates the
+    # answer whatever the back end did.
+    response_schema: dict[str, Any] | None = None
 
 
 class ProviderError(Exception):
