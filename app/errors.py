@@ -8,6 +8,8 @@ from flask import Flask, Response, json
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from .schemas import field_messages
+
 PROBLEM_MIMETYPE = "application/problem+json"
 
 
@@ -70,20 +72,8 @@ def _string_keys(errors: Any) -> Any:
 
 def validation_problem(errors: dict[str, Any], where: str = "body") -> Response:
     """Return the 422 for marshmallow errors; its detail names each field and what is wrong."""
-    reasons = "; ".join(f"{path}: {message}" for path, message in _field_messages(errors))
+    reasons = "; ".join(f"{path}: {message}" for path, message in field_messages(errors))
     return problem(422, f"Invalid request {where}. {reasons}", errors=errors)
-
-
-def _field_messages(errors: Any, prefix: str = "") -> list[tuple[str, str]]:
-    """List (dotted field path, first message) for a marshmallow error dictionary."""
-    if not isinstance(errors, dict):
-        messages = errors if isinstance(errors, list) else [errors]
-        first = messages[0] if messages else "invalid"
-        return [(prefix or "body", str(first))]
-    found = []
-    for key, value in sorted(errors.items(), key=lambda item: str(item[0])):
-        found.extend(_field_messages(value, f"{prefix}.{key}" if prefix else str(key)))
-    return found
 
 
 def handle_api_error(error: ApiError) -> Response:

@@ -24,6 +24,7 @@ from marshmallow import (
     post_load,
     validate,
     validates,
+    validates_schema,
 )
 
 from .models import RunStatus
@@ -267,6 +268,215 @@ class BatchStatusQuerySchema(StrictSchema):
                 field_name="runIds",
             )
         return {"run_ids": ids}
+
+
+# Agent definitions -------------------------------------------------------------------------
+#
+# One schema for an agent definition wherever it comes from: the agents file (snake_case keys,
+# as written there) and the API that stores an organisation's own agents.
+
+AGENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+# A ${NAME} reference to an environment variable of the server, expanded when a tool is called
+# and never before, so a definition never holds the secret itself.
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]{0,127})\}")
+# An MCP server's name prefixes its tools' names ("crm" -> "crm__lookup_order"): no "__" and
+# no trailing "_" in it, so the first "__" of a tool's name always ends the server's name.
+MCP_SERVER_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9]*(?:[-_][A-Za-z0-9]+)*$"
+# A header's name is an HTTP token; its value a line of visible text.
+HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$"
+# Header, variable and query names that carry credentials.
+_SECRET_NAME = re.compile(
+    r"auth|token|key|secret|passw|cookie|credential|session|signature", re.IGNORECASE
+)
+# What an authentication scheme looks like before its credentials ("Bearer ${TOKEN}").
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9._~+-]{0,31}$")
+# Opaque credentials written out: well-known prefixes, JWTs, long unbroken runs of base64.
+_SECRET_VALUE = re.compile(
+    r"\b(?:sk|pk|rk|ghp|gho|ghs|github_pat|xox[abpr]|glpat)[-_][A-Za-z0-9_-]{8,}"
+    r"|\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
+    r"|[A-Za-z0-9+/_=-]{32,}"
+)
+
+
+def _written_secret(name: str, value: str) -> bool:
+    """Whether ``value`` holds a credential as text rather than as a ${NAME} reference.
+
+    A value under a credential's name (Authorization, X-Api-Key, GITHUB_TOKEN) may hold
+    references and at most a scheme word ("Bearer"); any value may not hold what looks like
+    a token.
+    """
+    literal = ENV_REFERENCE.sub(" ", value).strip()
+    if _SECRET_VALUE.search(literal):
+        return True
+    if not _SECRET_NAME.search(name) or not literal:
+        return False
+    return not (ENV_REFERENCE.search(value) and _SCHEME.match(literal))
+
+
+def _no_written_secrets(kind: str, example: str):
+    def check(values: dict[str, str]) -> None:
+        written = {
+            name: [
+                f"Holds a secret written out; write it as a ${{NAME}} reference to a variable "
+                f"of the server's environment ({example}), never the {kind} itself."
+            ]
+            for name, value in values.items()
+            if _written_secret(name, value)
+        }
+        if written:
+            raise ValidationError(written)
+
+    return check
+
+
+def _header_value(value: str) -> None:
+    if any(ord(char) < 0x20 and char != "\t" or ord(char) == 0x7F for char in value):
+        raise ValidationError("Must be one line of text: no control characters.")
+
+
+def header_map(**kwargs: Any) -> fields.Dict:
+    """HTTP headers as a mapping of names to one-line values."""
+    return fields.Dict(
+        keys=fields.String(validate=FullMatch(HEADER_NAME_PATTERN, error="Not a header name.")),
+        values=fields.String(validate=[validate.Length(max=8192), _header_value]),
+        **kwargs,
+    )
+
+
+def _url_without_secrets(value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError("Must be an http(s) URL.")
+    if parts.password is not None:
+        raise ValidationError(
+            "Holds a password written out; pass credentials in headers, as ${NAME} references."
+        )
+    for pair in parts.query.split("&"):
+        name, _, written = pair.partition("=")
+        if written and _written_secret(name, written):
+            raise ValidationError(
+                f"Query parameter {name!r} holds a secret written out; write it as a ${{NAME}} "
+                "reference to a variable of the server's environment."
+            )
+
+
+class McpServerSchema(StrictSchema):
+    """An MCP server whose tools an agent may call: over streamable HTTP, or a local command."""
+
+    name = fields.String(
+        required=True,
+        validate=[
+            validate.Length(max=32),
+            FullMatch(
+                MCP_SERVER_NAME_PATTERN,
+                error="Must be 1-32 letters and digits, single - or _ between them, "
+                "starting with a letter (it prefixes the names of the server's tools).",
+            ),
+        ],
+    )
+    url = fields.String(validate=[validate.Length(max=2048), text, _url_without_secrets])
+    headers = header_map(
+        validate=_no_written_secrets("credential", "Authorization: 'Bearer ${CRM_TOKEN}'")
+    )
+    command = fields.String(validate=[validate.Length(min=1, max=4096), text])
+    args = fields.List(fields.String(validate=[validate.Length(max=4096), text]))
+    env = fields.Dict(
+        keys=fields.String(
+            validate=FullMatch(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", error="Not a variable name.")
+        ),
+        values=fields.String(validate=[validate.Length(max=8192), text]),
+        validate=_no_written_secrets("credential", "GITHUB_TOKEN: '${GITHUB_TOKEN}'"),
+    )
+    # The server's tools the agent gets (all of them when absent), and those that pause the
+    # run for a human's approval before each call, by the names the server gives them.
+    tools = fields.List(fields.String(validate=validate.Length(min=1, max=128)))
+    requires_approval = fields.List(fields.String(validate=validate.Length(min=1, max=128)))
+    # Seconds one call may take; the server's AGENT_RUNS_TOOL_TIMEOUT when absent.
+    timeout = fields.Float(validate=validate.Range(min=0, min_inclusive=False, max=3600))
+
+    @validates_schema
+    def _one_transport(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if ("url" in data) == ("command" in data):
+            raise ValidationError(
+                "Give either url (streamable HTTP) or command (a local process over stdio).",
+                field_name="url" if "url" not in data else "command",
+            )
+        kind, keys = (
+            ("run as a command", ("args", "env")) if "url" in data else ("at a url", ("headers",))
+        )
+        for key in keys:
+            if key in data:
+                raise ValidationError(f"Only for an MCP server {kind}.", field_name=key)
+        offered = data.get("tools")
+        for name in data.get("requires_approval") or ():
+            if offered is not None and name not in offered:
+                raise ValidationError(
+                    f"{name!r} is not in this server's tools list, so it is never offered.",
+                    field_name="requires_approval",
+                )
+
+
+def _unique_server_names(servers: list[dict[str, Any]]) -> None:
+    names = [server["name"] for server in servers]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValidationError(f"Two MCP servers are named {name!r}.")
+
+
+class ToolEntryField(fields.Field):
+    """A Python tool of an agent: a registered name or ``module:function`` path, or a mapping
+    of one (``use``) with settings: ``{use: "mod:fn", requires_approval: true, timeout: 5}``.
+    """
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str) and 0 < len(value) <= 300:
+            return value
+        if isinstance(value, dict):
+            return ToolSettingsSchema().load(value)
+        raise ValidationError("A tool is a name, a 'module:function' path, or {use: ...}.")
+
+
+class ToolSettingsSchema(StrictSchema):
+    use = fields.String(required=True, validate=validate.Length(min=1, max=300))
+    requires_approval = fields.Boolean()
+    timeout = fields.Float(validate=validate.Range(min=0, min_inclusive=False, max=3600))
+
+
+class AgentDefinitionSchema(StrictSchema):
+    """An agent as its definition is written: in the agents file, or sent to the API."""
+
+    id = fields.String(
+        required=True,
+        validate=FullMatch(
+            AGENT_ID_PATTERN,
+            error="Must be 1-128 letters, digits, _ . or -, starting with a letter or digit.",
+        ),
+    )
+    name = fields.String(allow_none=True, validate=[validate.Length(max=200), text])
+    description = fields.String(allow_none=True, validate=text)
+    instructions = fields.String(allow_none=True, validate=text)
+    model = fields.String(allow_none=True, validate=[validate.Length(min=1, max=200), text])
+    allowed_models = fields.List(fields.String(validate=validate.Length(min=1, max=200)))
+    tools = fields.List(ToolEntryField())
+    max_steps = fields.Integer(strict=True, validate=validate.Range(min=1, max=1000))
+    model_options = fields.Dict(keys=fields.String())
+    explain_tool_calls = fields.Boolean()
+    context_tokens = fields.Integer(strict=True, validate=validate.Range(min=256))
+    mcp_servers = fields.List(fields.Nested(McpServerSchema), validate=_unique_server_names)
+
+
+def field_messages(errors: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """List (dotted field path, first message) for a marshmallow error dictionary."""
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        errors = errors[0]  # a field's validator that named the keys at fault
+    if not isinstance(errors, dict):
+        messages = errors if isinstance(errors, list) else [errors]
+        first = messages[0] if messages else "invalid"
+        return [(prefix or "body", str(first))]
+    found = []
+    for key, value in sorted(errors.items(), key=lambda item: str(item[0])):
+        found.extend(field_messages(value, f"{prefix}.{key}" if prefix else str(key)))
+    return found
 
 
 # Responses ---------------------------------------------------------------------------------

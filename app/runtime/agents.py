@@ -28,10 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from marshmallow import ValidationError
 
 from ..providers.base import ToolSpec
+from ..schemas import AGENT_ID_PATTERN as _AGENT_ID
+from ..schemas import AgentDefinitionSchema, McpServerSchema, field_messages
 
-AGENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+AGENT_ID_PATTERN = re.compile(_AGENT_ID)
 TOOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 _JSON_TYPES = {
@@ -120,6 +123,64 @@ def tool(
 
 
 @dataclass(frozen=True)
+class McpServer:
+    """An MCP server whose tools an agent may call, as its definition names it.
+
+    Values may hold ``${NAME}`` references to the server's environment; they are expanded
+    only when the server is called, so the definition never holds a secret itself.
+    """
+
+    name: str
+    # Streamable HTTP: the endpoint and the headers sent with every request.
+    url: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    # stdio: the command started for the server, its arguments and environment.
+    command: str | None = None
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    # The server's tools the agent gets, by the server's names; None: all of them.
+    tools: tuple[str, ...] | None = None
+    # Tools that pause the run for a human's approval before each call.
+    requires_approval: frozenset[str] = frozenset()
+    # Seconds one call may take; None uses the server's AGENT_RUNS_TOOL_TIMEOUT.
+    timeout: float | None = None
+
+    @property
+    def prefix(self) -> str:
+        """What the names of this server's tools start with, as the model sees them."""
+        return f"{self.name}__"
+
+
+def mcp_server(definition: Mapping[str, Any], where: str = "mcp_servers") -> McpServer:
+    """Make an :class:`McpServer` of a definition, validated as the agents file's are."""
+    try:
+        data = McpServerSchema().load(dict(definition))
+    except ValidationError as error:
+        raise AgentDefinitionError(_reasons(where, error)) from None
+    return _mcp_server(data)
+
+
+def _mcp_server(data: Mapping[str, Any]) -> McpServer:
+    tools = data.get("tools")
+    return McpServer(
+        name=data["name"],
+        url=data.get("url"),
+        headers=dict(data.get("headers") or {}),
+        command=data.get("command"),
+        args=tuple(data.get("args") or ()),
+        env=dict(data.get("env") or {}),
+        tools=None if tools is None else tuple(dict.fromkeys(tools)),
+        requires_approval=frozenset(data.get("requires_approval") or ()),
+        timeout=data.get("timeout"),
+    )
+
+
+def _reasons(where: str, error: ValidationError) -> str:
+    messages = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
+    return f"{where}: " + "; ".join(f"{path}: {text}" for path, text in field_messages(messages))
+
+
+@dataclass(frozen=True)
 class Agent:
     """What a run executes: a model, its instructions and the tools it may call."""
 
@@ -142,6 +203,8 @@ class Agent:
     # The conversation sent to the model is trimmed, oldest turns first, to about this many
     # tokens (estimated at four characters a token).
     context_tokens: int = 32_000
+    # MCP servers whose tools the agent may call next to its Python tools.
+    mcp_servers: tuple[McpServer, ...] = ()
 
     def __post_init__(self) -> None:
         if not AGENT_ID_PATTERN.match(self.id):
@@ -155,6 +218,16 @@ class Agent:
             raise AgentDefinitionError(f"agent {self.id!r}: max_steps must be at least 1")
         if self.context_tokens < 256:
             raise AgentDefinitionError(f"agent {self.id!r}: context_tokens must be at least 256")
+        servers = [server.name for server in self.mcp_servers]
+        if len(servers) != len(set(servers)):
+            raise AgentDefinitionError(f"agent {self.id!r} names an MCP server twice")
+        for server in self.mcp_servers:
+            clash = next((n for n in names if n.startswith(server.prefix)), None)
+            if clash:
+                raise AgentDefinitionError(
+                    f"agent {self.id!r}: tool {clash!r} would clash with the tools of MCP "
+                    f"server {server.name!r}, whose names start with {server.prefix!r}"
+                )
 
     def tool(self, name: str) -> Tool | None:
         return next((t for t in self.tools if t.name == name), None)
@@ -194,6 +267,7 @@ def register_agent(
     model_options: Mapping[str, Any] | None = None,
     explain_tool_calls: bool = False,
     context_tokens: int = 32_000,
+    mcp_servers: Iterable[Mapping[str, Any] | McpServer] = (),
 ) -> Agent:
     """Define an agent from Python. It overrides a file agent with the same id."""
     agent = Agent(
@@ -208,6 +282,10 @@ def register_agent(
         model_options=dict(model_options or {}),
         explain_tool_calls=explain_tool_calls,
         context_tokens=context_tokens,
+        mcp_servers=tuple(
+            s if isinstance(s, McpServer) else mcp_server(s, f"agent {id!r}: mcp_servers[{i}]")
+            for i, s in enumerate(mcp_servers)
+        ),
     )
     _python_agents[agent.id] = agent
     return agent
@@ -251,40 +329,32 @@ def _resolve_tool(entry: Any, where: str) -> Tool:
     return target if isinstance(target, Tool) else tool(target)
 
 
-_AGENT_KEYS = {
-    "id",
-    "name",
-    "description",
-    "instructions",
-    "model",
-    "allowed_models",
-    "tools",
-    "max_steps",
-    "model_options",
-    "explain_tool_calls",
-    "context_tokens",
-}
-
-
 def _agent_from_mapping(entry: Any, where: str) -> Agent:
     if not isinstance(entry, dict) or "id" not in entry:
         raise AgentDefinitionError(f"{where}: each agent is a mapping with an 'id'")
-    unknown = set(entry) - _AGENT_KEYS
-    if unknown:
-        raise AgentDefinitionError(f"{where}: unknown keys {sorted(unknown)}")
     where = f"{where} ({entry['id']})"
+    try:
+        data = AgentDefinitionSchema().load(entry)
+    except ValidationError as error:
+        raise AgentDefinitionError(_reasons(where, error)) from None
+    return agent_from_definition(data, where)
+
+
+def agent_from_definition(data: Mapping[str, Any], where: str) -> Agent:
+    """Make an Agent of a definition loaded by AgentDefinitionSchema; resolve its tools."""
     return Agent(
-        id=str(entry["id"]),
-        name=str(entry.get("name") or entry["id"]),
-        description=str(entry.get("description") or ""),
-        instructions=str(entry.get("instructions") or ""),
-        model=entry.get("model"),
-        allowed_models=tuple(entry.get("allowed_models") or ()),
-        tools=tuple(_resolve_tool(t, where) for t in entry.get("tools") or ()),
-        max_steps=int(entry.get("max_steps", 8)),
-        model_options=dict(entry.get("model_options") or {}),
-        explain_tool_calls=bool(entry.get("explain_tool_calls", False)),
-        context_tokens=int(entry.get("context_tokens", 32_000)),
+        id=data["id"],
+        name=data.get("name") or data["id"],
+        description=data.get("description") or "",
+        instructions=data.get("instructions") or "",
+        model=data.get("model"),
+        allowed_models=tuple(data.get("allowed_models") or ()),
+        tools=tuple(_resolve_tool(t, where) for t in data.get("tools") or ()),
+        max_steps=data.get("max_steps", 8),
+        model_options=dict(data.get("model_options") or {}),
+        explain_tool_calls=data.get("explain_tool_calls", False),
+        context_tokens=data.get("context_tokens", 32_000),
+        mcp_servers=tuple(_mcp_server(server) for server in data.get("mcp_servers") or ()),
     )
 
 
