@@ -22,7 +22,8 @@ from .auth import JWTSettings
 from .db import database, migrate, open_database
 from .limits import RateLimiter
 from .runtime.agents import Agent, AgentRegistry, Tool, register_agent, register_tool, tool
-from .runtime.executor import Executor, ExecutorSettings, sweep_expired_runs
+from .runtime.executor import Executor, ExecutorSettings
+from .runtime.store import sweep_expired_runs
 from .schemas import BatchStatusQuerySchema, RunRequestSchema
 
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ import pytest
 import agent_runs
 from agent_runs.db import database
 from agent_runs.models import Run, RunEvent, RunStatus, Session
-from agent_runs.runtime.executor import sweep_expired_runs
+from agent_runs.runtime.store import sweep_expired_runs
 
 from .conftest import make_token
 from .sse import parse_stream
@@ -412,8 +412,8 @@ def test_a_large_backlog_is_written_in_bounded_transactions_in_order(app):
 
 def test_a_run_end_the_database_refuses_does_not_undo_the_others(app):
     from agent_runs.runtime.events import EventLog, RunChannel
-    from agent_runs.runtime.executor import RunEnding, message_rows, record_run_endings
     from agent_runs.runtime.runs import new_run_id
+    from agent_runs.runtime.store import RunEnding, message_rows, record_run_endings
 
     runs = [new_run_id() for _ in range(3)]
     now = datetime.datetime(2026, 1, 2, 3, 4, 5)

@@ -6,14 +6,14 @@ transaction as its last events, so whoever sees STOP or ERROR also finds the run
 status in the database.
 
 Each worker's executor also keeps its runs alive in the database: a keeper greenlet renews the
-lease of every run executing here, picks up cancel requests that reached another worker, and
-sweeps runs whose lease expired because their worker died.
+lease of every run executing here and sweeps runs whose lease expired because their worker
+died, and picks up cancel requests that reached another worker. What the database holds of
+runs is read and written through :mod:`.store`.
 """
 
 from __future__ import annotations
 
 import atexit
-import datetime
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,21 +24,21 @@ import gevent.event
 import gevent.pool
 import gevent.queue
 
-from ..db import Statement, WalCheckpointer, database, insert_statement, sqlite_path
-from ..models import Message, Run, RunEvent, RunStatus, Session, utcnow
+from ..db import WalCheckpointer, database, sqlite_path
+from ..models import RunStatus, utcnow
 from ..providers.base import Provider, ProviderError
+from . import store
 from .agents import Agent
-from .events import (
-    PING_FRAME,
-    Event,
-    EventLog,
-    EventType,
-    RunChannel,
-    json_data,
-    now_ms,
-    write_event,
-)
+from .events import PING_FRAME, Event, EventLog, EventType, RunChannel, json_data
 from .loop import AgentLoop, RunCancelled, RunPaused, Usage
+from .store import (
+    RunEnding,
+    cancelled_tool_message,
+    message_rows,
+    prune_events,
+    record_run_endings,
+    sweep_expired_runs,
+)
 from .turns import step_aside
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ class WorkerStopping(RunCancelled):
 PRUNE_EVERY = 3600.0
 
 SHUTDOWN_MESSAGE = "The server shut down before the run finished."
-LOST_MESSAGE = "The worker executing this run stopped; the run did not finish."
 
 
 @dataclass
@@ -173,15 +172,10 @@ class Executor:
             with database.connection_context():
                 # Status first: if the run had settled by then, every event it will ever
                 # have is already in the log, and an empty read means the stream is done.
-                settled = _is_settled(run_id)
-                rows = list(
-                    RunEvent.select()
-                    .where((RunEvent.run == run_id) & (RunEvent.seq > after))
-                    .order_by(RunEvent.seq)
-                    .limit(500)
-                )
+                settled = store.is_settled(run_id)
+                rows = store.read_events(run_id, after)
             for row in rows:
-                yield Event(run_id, row.seq, row.type, row.data, row.timestamp).frame
+                yield row.frame
                 after = row.seq
             if settled and not rows:
                 return
@@ -216,11 +210,7 @@ class Executor:
         job = active.job
         if queued and not active.cancelled:
             with database.connection_context():
-                (
-                    Run.update(status=RunStatus.RUNNING, started_at=utcnow())
-                    .where((Run.id == job.run_id) & (Run.status == RunStatus.QUEUED))
-                    .execute()
-                )
+                store.mark_started(job.run_id)
         loop = AgentLoop(
             agent=job.agent,
             provider=job.provider,
@@ -281,22 +271,9 @@ class Executor:
         if job.history is not None:
             history = [dict(message) for message in job.history]
         else:
-            history = self._read_history(job.session_pk)
+            history = store.read_history(job.session_pk)
         if job.media and job.first_seq == 1 and history and history[-1]["role"] == "user":
             history[-1]["media"] = job.media
-        return history
-
-    def _read_history(self, session_pk: int) -> list[dict[str, Any]]:
-        rows = Message.select().where(Message.session == session_pk).order_by(Message.id)
-        history: list[dict[str, Any]] = []
-        for row in rows:
-            message: dict[str, Any] = {"role": row.role, "content": row.content}
-            if row.tool_calls:
-                message["tool_calls"] = row.tool_calls
-            if row.role == "tool":
-                message["tool_call_id"] = row.tool_call_id
-                message["name"] = row.name
-            history.append(message)
         return history
 
     def _finish(self, active: ActiveRun, loop: AgentLoop, outcome: Outcome) -> None:
@@ -388,23 +365,16 @@ class Executor:
                 logger.exception("keeping runs alive failed; retrying")
 
     def _pick_up_cancels(self) -> None:
-        """Cancel the runs of this worker that a request to another worker asked to stop.
-
-        The flag is cleared when a run ends, so the indexed query reads only the few runs
-        being cancelled right now, however many are running.
-        """
+        """Cancel the runs of this worker that a request to another worker asked to stop."""
         if not self.active:
             return
-        for run in Run.select(Run.id).where(Run.cancel_requested == True):  # noqa: E712
-            active = self.active.get(run.id)
+        for run_id in store.cancel_requested_ids():
+            active = self.active.get(run_id)
             if active is not None and not active.cancelled:
-                self.cancel(run.id)
+                self.cancel(run_id)
 
     def _renew_leases(self) -> None:
-        ids = list(self.active)
-        until = lease_deadline(self.settings.lease_seconds)
-        for chunk in _chunks(ids):
-            Run.update(lease_expires_at=until).where(Run.id.in_(chunk)).execute()
+        store.renew_leases(list(self.active), self.settings.lease_seconds)
 
     # Shutting down ----------------------------------------------------------------------
 
@@ -481,182 +451,3 @@ def _closing_messages(messages: list[dict[str, Any]], answer: str) -> list[dict[
     if answer and not (kept and kept[-1]["role"] == "assistant" and "tool_calls" not in kept[-1]):
         kept.append({"role": "assistant", "content": answer})
     return kept
-
-
-def cancelled_tool_message(call: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "role": "tool",
-        "tool_call_id": call["id"],
-        "name": call["name"],
-        "content": "Error: the run was cancelled before this tool call ran.",
-    }
-
-
-def _chunks(ids: list[str], size: int = 500) -> Iterator[list[str]]:
-    for start in range(0, len(ids), size):
-        yield ids[start : start + size]
-
-
-def _is_settled(run_id: str) -> bool:
-    """Whether a run will emit nothing more now: ended, paused, or unknown."""
-    run = Run.select(Run.status).where(Run.id == run_id).first()
-    return run is None or run.status in (*RunStatus.FINAL, RunStatus.PAUSED)
-
-
-def lease_deadline(seconds: float) -> datetime.datetime:
-    return utcnow() + datetime.timedelta(seconds=seconds)
-
-
-# The statements every run's end makes, built once (see Statement).
-_INSERT_MESSAGE = insert_statement(
-    Message,
-    [
-        Message.session,
-        Message.run,
-        Message.role,
-        Message.content,
-        Message.tool_calls,
-        Message.tool_call_id,
-        Message.name,
-        Message.created_at,
-    ],
-)
-_RELEASE_SESSION = Statement(
-    lambda session_id, run_id, now: Session.update(
-        {Session.active_run_id: None, Session.updated_at: now}
-    ).where((Session.id == session_id) & (Session.active_run_id == run_id))
-)
-_OUTCOME_FIELDS = (
-    Run.status,
-    Run.content,
-    Run.reasoning_steps,
-    Run.tool_calls,
-    Run.followups,
-    Run.usage,
-    Run.error_type,
-    Run.error,
-    Run.cancel_requested,
-    Run.required_action,
-    Run.pending_calls,
-    Run.lease_expires_at,
-    Run.completed_at,
-)
-_RECORD_OUTCOME = Statement(
-    lambda **slots: Run.update({f: slots[f.name] for f in _OUTCOME_FIELDS}).where(
-        Run.id == slots["run_id"]
-    ),
-    convert={f.name: f.db_value for f in _OUTCOME_FIELDS},
-    names=[*(f.name for f in _OUTCOME_FIELDS), "run_id"],
-)
-
-
-@dataclass
-class RunEnding:
-    """A run's final writes: its outcome, its new messages, and its session released."""
-
-    outcome: dict[str, Any]
-    messages: list[dict[str, Any]]
-    release: dict[str, Any] | None
-
-
-def record_run_endings(endings: list[RunEnding]) -> None:
-    """Write the final state of runs that ended: three prepared statements for them all.
-
-    The event log calls this in the transaction of their last events, with every run that
-    ended since its last batch (or, if that fails, with each on its own).
-    """
-    _RECORD_OUTCOME.execute_many([ending.outcome for ending in endings])
-    _INSERT_MESSAGE.execute_many([row for ending in endings for row in ending.messages])
-    _RELEASE_SESSION.execute_many([e.release for e in endings if e.release is not None])
-
-
-def message_rows(
-    session_pk: int, run_id: str, messages: list[dict[str, Any]], now: datetime.datetime
-) -> list[dict[str, Any]]:
-    return [
-        {
-            "session": session_pk,
-            "run": run_id,
-            "role": message["role"],
-            "content": message.get("content") or "",
-            "tool_calls": message.get("tool_calls"),
-            "tool_call_id": message.get("tool_call_id"),
-            "name": message.get("name"),
-            "created_at": now,
-        }
-        for message in messages
-    ]
-
-
-def save_messages(
-    session_pk: int, run_id: str, messages: list[dict[str, Any]], now: datetime.datetime
-) -> None:
-    _INSERT_MESSAGE.execute_many(message_rows(session_pk, run_id, messages, now))
-
-
-def release_session(session_pk: int, run_id: str, now: datetime.datetime) -> None:
-    """Let the session take its next run, if this run still holds it."""
-    _RELEASE_SESSION.execute(session_id=session_pk, run_id=run_id, now=now)
-
-
-def close_run_log(run_id: str, type: str, data: str) -> None:
-    """Append a final event to the log of a run no executor holds (inside a transaction)."""
-    last = (
-        RunEvent.select(RunEvent.seq)
-        .where(RunEvent.run == run_id)
-        .order_by(RunEvent.seq.desc())
-        .first()
-    )
-    write_event(Event(run_id, (last.seq if last else 0) + 1, type, data, now_ms()))
-
-
-def sweep_expired_runs() -> list[str]:
-    """Fail every run whose lease expired: its worker died. Returns their ids.
-
-    Each is marked FAILED with errorType worker_lost, its log closed with an ERROR event and
-    its session released, in one transaction per run; the status guard in the UPDATE makes a
-    sweep that races another (or the run's own end) a no-op.
-    """
-    now = utcnow()
-    expired = [
-        run.id
-        for run in Run.select(Run.id).where(
-            Run.status.in_([RunStatus.RUNNING, RunStatus.QUEUED]) & (Run.lease_expires_at < now)
-        )
-    ]
-    swept = []
-    for run_id in expired:
-        with database.atomic():
-            updated = (
-                Run.update(
-                    status=RunStatus.FAILED,
-                    error_type="worker_lost",
-                    error=LOST_MESSAGE,
-                    cancel_requested=False,
-                    completed_at=now,
-                    lease_expires_at=None,
-                )
-                .where(
-                    (Run.id == run_id)
-                    & Run.status.in_([RunStatus.RUNNING, RunStatus.QUEUED])
-                    & (Run.lease_expires_at < now)
-                )
-                .execute()
-            )
-            if not updated:
-                continue
-            close_run_log(run_id, EventType.ERROR, LOST_MESSAGE)
-            session_pk = Run.select(Run.session).where(Run.id == run_id).scalar()
-            release_session(session_pk, run_id, now)
-        swept.append(run_id)
-        logger.warning("run %s failed: its worker stopped (lease expired)", run_id)
-    return swept
-
-
-def prune_events(retention_days: float) -> int:
-    """Delete the events of runs that finished more than ``retention_days`` ago."""
-    cutoff = utcnow() - datetime.timedelta(days=retention_days)
-    finished = Run.select(Run.id).where(
-        Run.status.in_(RunStatus.FINAL) & (Run.completed_at < cutoff)
-    )
-    return RunEvent.delete().where(RunEvent.run.in_(finished)).execute()

@@ -21,10 +21,8 @@ from ..models import Run, RunEvent, RunStatus, Session, utcnow
 from ..providers.base import resolve_model
 from .agents import Agent, AgentRegistry
 from .events import Event, EventType, json_data, now_ms, write_event
-from .executor import (
-    ActiveRun,
-    Executor,
-    RunJob,
+from .executor import ActiveRun, Executor, RunJob
+from .store import (
     cancelled_tool_message,
     close_run_log,
     lease_deadline,
