@@ -7,8 +7,9 @@ status in the database.
 
 Each worker's executor also keeps its runs alive in the database: a keeper greenlet renews the
 lease of every run executing here and sweeps runs whose lease expired because their worker
-died, and picks up cancel requests that reached another worker. What the database holds of
-runs is read and written through :mod:`.store`.
+died. What the database holds of runs is read and written through :mod:`.store`; news of runs
+executing elsewhere (their events, cancel requests that reached another worker) comes from a
+:class:`~.watch.RunWatcher`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .store import (
     sweep_expired_runs,
 )
 from .turns import step_aside
+from .watch import PollingWatcher, RunWatcher, Watch
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +117,10 @@ class ExecutorSettings:
 class Executor:
     """Runs agent runs in greenlets of this worker and fans their events out."""
 
-    def __init__(self, settings: ExecutorSettings) -> None:
+    def __init__(self, settings: ExecutorSettings, watcher: RunWatcher | None = None) -> None:
         self.settings = settings
+        # How runs executing elsewhere are followed and cancel requests heard.
+        self.watcher = watcher or PollingWatcher(settings.poll_interval)
         self.log = EventLog(settings.flush_interval, record_endings=record_run_endings)
         self.active: dict[str, ActiveRun] = {}
         self.greenlets = gevent.pool.Group()
@@ -159,15 +163,21 @@ class Executor:
         """Yield a run's SSE frames after seq ``after``: replayed from the log, then live.
 
         A run executing in this worker is tailed from memory; one executing in another worker
-        (or finished) is read from the log, polled while it runs. The stream ends once the run
-        has ended or paused and every event is sent: a run that paused and went on replays
-        through its pause's STOP to its end.
+        (or finished) is read from the log, read again whenever the watcher says it may have
+        more. The stream ends once the run has ended or paused and every event is sent: a run
+        that paused and went on replays through its pause's STOP to its end.
         """
-        quiet_since = gevent.get_hub().loop.now()
+        with self.watcher.watch(run_id) as watch:
+            yield from self._follow(run_id, after, watch)
+
+    def _follow(self, run_id: str, after: int, watch: Watch) -> Iterator[bytes]:
+        clock = gevent.get_hub().loop
+        ping_interval = self.settings.ping_interval
+        quiet_since = clock.now()
         while True:
             active = self.active.get(run_id)
             if active is not None and after + 1 >= active.channel.first_seq:
-                yield from active.channel.follow(after, self.settings.ping_interval)
+                yield from active.channel.follow(after, ping_interval)
                 return
             with database.connection_context():
                 # Status first: if the run had settled by then, every event it will ever
@@ -180,12 +190,16 @@ class Executor:
             if settled and not rows:
                 return
             if rows:
-                quiet_since = gevent.get_hub().loop.now()
+                quiet_since = clock.now()
                 continue
-            gevent.sleep(self.settings.poll_interval)
-            if gevent.get_hub().loop.now() - quiet_since >= self.settings.ping_interval:
-                yield PING_FRAME
-                quiet_since = gevent.get_hub().loop.now()
+            # Read again once the watcher has news; a quiet stream gets its pings meanwhile.
+            while True:
+                news = watch.wait(after, max(0.0, quiet_since + ping_interval - clock.now()))
+                if clock.now() - quiet_since >= ping_interval:
+                    yield PING_FRAME
+                    quiet_since = clock.now()
+                if news:
+                    break
 
     # Cancelling -------------------------------------------------------------------------
 
@@ -337,6 +351,7 @@ class Executor:
             gevent.spawn(self._keep),
             gevent.spawn(self._dispatch_background),
         ]
+        self.watcher.start(self._cancel_requested, lambda: self.active)
         path = sqlite_path()
         if path is not None:
             self._checkpointer = WalCheckpointer(path, self.settings.poll_interval)
@@ -350,7 +365,6 @@ class Executor:
             gevent.sleep(self.settings.poll_interval)
             try:
                 with database.connection_context():
-                    self._pick_up_cancels()
                     now = gevent.get_hub().loop.now()
                     if now - last_renewal >= renew_every:
                         self._renew_leases()
@@ -364,14 +378,11 @@ class Executor:
             except Exception:
                 logger.exception("keeping runs alive failed; retrying")
 
-    def _pick_up_cancels(self) -> None:
-        """Cancel the runs of this worker that a request to another worker asked to stop."""
-        if not self.active:
-            return
-        for run_id in store.cancel_requested_ids():
-            active = self.active.get(run_id)
-            if active is not None and not active.cancelled:
-                self.cancel(run_id)
+    def _cancel_requested(self, run_id: str) -> None:
+        """Cancel a run of this worker that a request to another worker asked to stop."""
+        active = self.active.get(run_id)
+        if active is not None and not active.cancelled:
+            self.cancel(run_id)
 
     def _renew_leases(self) -> None:
         store.renew_leases(list(self.active), self.settings.lease_seconds)
@@ -401,6 +412,7 @@ class Executor:
             for greenlet in self._services:
                 greenlet.kill(block=False)
             self._services = []
+            self.watcher.stop()
             if self._checkpointer is not None:
                 self._checkpointer.stop()
                 self._checkpointer = None
