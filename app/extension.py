@@ -1,0 +1,117 @@
+"""The Flask extension: :class:`AgentRuns` mounts the API on an application, and
+:func:`create_app` makes the standalone server.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask
+
+from . import config as config_module
+from .auth import JWTSettings
+from .db import database, migrate, open_database
+from .limits import RateLimiter
+from .runtime.agents import AgentRegistry
+from .runtime.executor import Executor, ExecutorSettings
+from .runtime.store import sweep_expired_runs
+from .schemas import BatchStatusQuerySchema, RunRequestSchema
+
+
+@dataclass
+class AgentRunsState:
+    """What the extension keeps per application, in ``app.extensions["agent_runs"]``."""
+
+    config: Mapping[str, Any]
+    registry: AgentRegistry
+    executor: Executor
+    rate_limiter: RateLimiter
+    jwt: JWTSettings | None = None
+    # Built on first request by api.openapi, then served as is.
+    openapi_document: dict[str, Any] | None = None
+
+    @property
+    def default_model(self) -> str:
+        return self.config["AGENT_RUNS_DEFAULT_MODEL"]
+
+    # The schemas that take this application's limits, built once: building a marshmallow
+    # schema costs more than loading a request with it.
+    @functools.cached_property
+    def run_request_schema(self) -> RunRequestSchema:
+        return RunRequestSchema(
+            max_message_length=self.config["AGENT_RUNS_MAX_MESSAGE_LENGTH"],
+            max_media=self.config["AGENT_RUNS_MAX_MEDIA"],
+            max_media_bytes=self.config["AGENT_RUNS_MAX_MEDIA_BYTES"],
+        )
+
+    @functools.cached_property
+    def batch_status_query_schema(self) -> BatchStatusQuerySchema:
+        return BatchStatusQuerySchema(max_ids=self.config["AGENT_RUNS_MAX_BATCH_IDS"])
+
+
+class AgentRuns:
+    """The Flask extension that mounts the Agent Runs API on an application."""
+
+    def __init__(self, app: Flask | None = None, **kwargs: Any) -> None:
+        if app is not None:
+            self.init_app(app, **kwargs)
+
+    def init_app(self, app: Flask, url_prefix: str | None = None) -> None:
+        """Configure the database, the agents and the executor, and register the API."""
+        for key, value in config_module.from_environment().items():
+            app.config.setdefault(key, value)
+        settings = {key: app.config[key] for key in config_module.DEFAULTS}
+        settings["AGENT_RUNS_DEFAULT_MODEL"] = config_module.default_model(
+            settings["AGENT_RUNS_DEFAULT_MODEL"]
+        )
+
+        open_database(settings["AGENT_RUNS_DATABASE_URL"], settings["AGENT_RUNS_DB_POOL_SIZE"])
+        executor = Executor(
+            ExecutorSettings(
+                flush_interval=settings["AGENT_RUNS_EVENT_FLUSH_INTERVAL"],
+                ping_interval=settings["AGENT_RUNS_PING_INTERVAL"],
+                tool_timeout=settings["AGENT_RUNS_TOOL_TIMEOUT"],
+                lease_seconds=settings["AGENT_RUNS_LEASE_SECONDS"],
+                poll_interval=settings["AGENT_RUNS_POLL_INTERVAL"],
+                max_background_runs=settings["AGENT_RUNS_MAX_BACKGROUND_RUNS"],
+                shutdown_timeout=settings["AGENT_RUNS_SHUTDOWN_TIMEOUT"],
+                retention_days=settings["AGENT_RUNS_EVENT_RETENTION_DAYS"],
+            )
+        )
+        if settings["AGENT_RUNS_MIGRATE_ON_START"]:
+            migrate()
+            # Runs left RUNNING by a worker that died are failed before anyone reads them.
+            with database.connection_context():
+                sweep_expired_runs()
+
+        app.extensions["agent_runs"] = AgentRunsState(
+            config=settings,
+            registry=AgentRegistry.from_file(settings["AGENT_RUNS_AGENTS_FILE"]),
+            executor=executor,
+            rate_limiter=RateLimiter(settings["AGENT_RUNS_RATE_LIMIT"]),
+            jwt=JWTSettings.from_config(settings),
+        )
+
+        from .api import bp
+        from .cli import tokens
+
+        prefix = settings["AGENT_RUNS_URL_PREFIX"] if url_prefix is None else url_prefix
+        app.register_blueprint(bp, url_prefix=prefix.rstrip("/") or None)
+        if "tokens" not in app.cli.commands:
+            app.cli.add_command(tokens)
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Create the standalone Agent Runs server."""
+    from .errors import register_app_error_handlers
+
+    # The package's name, as when this lived in its __init__: it names the app's logger and
+    # roots its paths.
+    app = Flask("agent_runs")
+    app.config.update(config or {})
+    register_app_error_handlers(app)
+    AgentRuns(app)
+    return app
