@@ -1,4 +1,4 @@
-"""The ``agent-runs`` command: serve the API, manage tokens, list agents.
+"""The ``agent-runs`` command: serve the API, manage tokens, list agents, chat with one.
 
 Built on Flask's CLI, so ``agent-runs routes`` and ``agent-runs shell`` work too, and a host
 application that embeds the extension gets ``flask tokens ...``.
@@ -17,6 +17,7 @@ from flask import current_app
 from flask.cli import AppGroup, FlaskGroup
 
 from .auth import SCOPES
+from .chat import chat_command
 from .db import database
 
 DEFAULT_BIND = "127.0.0.1:8080"
@@ -42,6 +43,8 @@ def main() -> None:
 
 tokens = AppGroup("tokens", help="Create, list and revoke API tokens.")
 cli.add_command(tokens)
+# A client of a running server: it needs no application, and loads none.
+cli.add_command(chat_command)
 
 
 def _duration(text: str) -> datetime.timedelta:
