@@ -32,7 +32,7 @@ import time
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, TypedDict, cast
+from typing import Any, Literal, TypedDict, TypeVar, cast
 
 import httpx
 from httpx_sse import EventSource
@@ -43,6 +43,7 @@ __all__ = [
     "ApiError",
     "ConnectionLost",
     "ContentDelta",
+    "Delta",
     "ErrorEvent",
     "Event",
     "ReasoningDelta",
@@ -50,10 +51,12 @@ __all__ = [
     "Start",
     "Stop",
     "ToolEnd",
+    "ToolEvent",
     "ToolStart",
 ]
 
 Action = Literal["APPROVE", "REJECT"]
+_Self = TypeVar("_Self", bound="_Closing")
 
 # Longer than the server's ping interval (15 s): a stream silent for this long is dead, and
 # the client reconnects to it.
@@ -152,48 +155,52 @@ class Start(Event):
         return str(self.data["sessionId"])
 
 
-class ReasoningDelta(Event):
+class Delta(Event):
+    """A piece of text: REASONING_DELTA or CONTENT_DELTA."""
+
+    __slots__ = ()
+
+    @property
+    def text(self) -> str:
+        return str(self.data)
+
+
+class ReasoningDelta(Delta):
     """REASONING_DELTA: a piece of the model's reasoning."""
 
     __slots__ = ()
 
-    @property
-    def text(self) -> str:
-        return str(self.data)
 
-
-class ContentDelta(Event):
+class ContentDelta(Delta):
     """CONTENT_DELTA: a piece of the answer."""
 
     __slots__ = ()
 
-    @property
-    def text(self) -> str:
-        return str(self.data)
 
-
-class ToolStart(Event):
-    """TOOL_START: a tool call begins."""
+class ToolEvent(Event):
+    """TOOL_START or TOOL_END, of the tool ``name``."""
 
     __slots__ = ()
 
     @property
     def name(self) -> str:
         return str(self.data.get("name", ""))
+
+
+class ToolStart(ToolEvent):
+    """TOOL_START: a tool call begins."""
+
+    __slots__ = ()
 
     @property
     def arguments(self) -> Any:
         return self.data.get("arguments")
 
 
-class ToolEnd(Event):
+class ToolEnd(ToolEvent):
     """TOOL_END: a tool call's result, or its error (``error`` is None when it succeeded)."""
 
     __slots__ = ()
-
-    @property
-    def name(self) -> str:
-        return str(self.data.get("name", ""))
 
     @property
     def result(self) -> Any:
@@ -333,7 +340,25 @@ class SessionDetail(Session, total=False):
 # Streams -----------------------------------------------------------------------------------
 
 
-class RunStream:
+class _Closing:
+    """Closed at the end of a ``with`` block."""
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class RunStream(_Closing):
     """The events of one run, as an iterator; reconnects to ``/events`` when the connection drops.
 
     ``run_id`` and ``session_id`` are known once START has arrived (at once for a stream
@@ -368,17 +393,6 @@ class RunStream:
 
     def __next__(self) -> Event:
         return next(self._events)
-
-    def __enter__(self) -> RunStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Drop the connection; iteration ends."""
@@ -452,7 +466,7 @@ class RunStream:
 # The client ----------------------------------------------------------------------------------
 
 
-class AgentRunsClient:
+class AgentRunsClient(_Closing):
     """A synchronous client for one Agent Runs server.
 
     ``base_url`` is the server's address (``http://127.0.0.1:8080``); ``prefix`` is where the
@@ -485,17 +499,6 @@ class AgentRunsClient:
         self._headers = {"Authorization": f"Bearer {token}"}
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(timeout=timeout)
-
-    def __enter__(self) -> AgentRunsClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Close the connections this client opened."""
