@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -376,11 +377,15 @@ class RunStream(_Closing):
         run_id: str | None = None,
         after: int = 0,
         max_reconnects: int = 5,
+        new_session: str | None = None,
     ) -> None:
         self._client = client
         self.agent_id = agent_id
         self.run_id = run_id
-        self.session_id: str | None = None
+        self.session_id: str | None = new_session
+        # The session the client chose for this run's new conversation: the run is its only
+        # one, so a stream that breaks before START finds its run through it.
+        self._new_session = new_session
         self.last_id = after
         # Reconnects in a row that brought no new event before giving up.
         self.max_reconnects = max_reconnects
@@ -433,6 +438,8 @@ class RunStream(_Closing):
             finally:
                 response.close()
                 self._response = None
+            if self.run_id is None and self._new_session is not None:
+                self.run_id = self._client._run_of_new_session(self.agent_id, self._new_session)
             if self.run_id is None:
                 raise ConnectionLost(
                     "The stream broke before the run's START event; the run's id is unknown, "
@@ -539,11 +546,29 @@ class AgentRunsClient(_Closing):
 
         The request is sent at once, so a refused run raises here; the events come as the
         returned stream is iterated, and a dropped connection is resumed through ``/events``.
+        Without a ``session_id`` the client names the new session itself (a UUID, as the
+        server would), so that even a connection lost before START is resumed: the run is
+        the session's only one. In a session of the caller's, such a loss raises
+        :class:`ConnectionLost`.
         """
-        response = self._open_stream(
-            "POST", f"/agents/{_segment(agent_id)}/runs/stream", json=_run_request(message, request)
+        body = _run_request(message, request)
+        new_session = None
+        if "sessionId" not in body:
+            new_session = body["sessionId"] = str(uuid.uuid4())
+        path = f"/agents/{_segment(agent_id)}/runs/stream"
+        try:
+            response = self._open_stream("POST", path, json=body)
+        except ConnectionLost:
+            # Lost before the answer's headers: the run may have started all the same.
+            run_id = new_session and self._run_of_new_session(agent_id, new_session)
+            if not run_id:
+                raise
+            stream = self.events(agent_id, run_id)
+            stream.session_id = new_session
+            return stream
+        return RunStream(
+            self, agent_id, response, max_reconnects=self.max_reconnects, new_session=new_session
         )
-        return RunStream(self, agent_id, response, max_reconnects=self.max_reconnects)
 
     def background(self, agent_id: str, message: str, **request: Any) -> QueuedRun:
         """Queue a run and return its ids at once; follow it with :meth:`events`, :meth:`status`."""
@@ -666,6 +691,16 @@ class AgentRunsClient(_Closing):
             if not page.get("nextCursor"):
                 return
             query["cursor"] = page["nextCursor"]
+
+    def _run_of_new_session(self, agent_id: str, session_id: str) -> str | None:
+        """Return the id of the one run of a session the client created, if the server has it."""
+        try:
+            runs = list(self.session_runs(session_id, page_size=2))
+        except (ApiError, ConnectionLost):
+            return None
+        if len(runs) != 1 or runs[0].get("agentId") != agent_id:
+            return None
+        return runs[0]["id"]
 
     def _open_stream(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Send a request whose answer is an event stream; return the open response."""

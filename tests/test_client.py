@@ -59,6 +59,8 @@ class CuttingProxy:
         self.reset = reset
         self.connections = 0
         self.cuts = 0
+        # What the server answered on each connection, as far as it was forwarded.
+        self.answers: list[bytearray] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -75,10 +77,19 @@ class CuttingProxy:
             index, self.connections = self.connections, self.connections + 1
             budget = self.budgets[index] if index < len(self.budgets) else None
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pump, args=(downstream, upstream, None)).start()
-            threading.Thread(target=self._pump, args=(upstream, downstream, budget)).start()
+            self.answers.append(bytearray())
+            threading.Thread(target=self._pump, args=(downstream, upstream, None, None)).start()
+            threading.Thread(
+                target=self._pump, args=(upstream, downstream, budget, self.answers[-1])
+            ).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, budget: int | None) -> None:
+    def _pump(
+        self,
+        source: socket.socket,
+        sink: socket.socket,
+        budget: int | None,
+        record: bytearray | None,
+    ) -> None:
         sent = 0
         try:
             while True:
@@ -86,7 +97,10 @@ class CuttingProxy:
                 if not data:
                     break
                 if budget is not None and sent + len(data) >= budget:
-                    sink.sendall(data[: budget - sent])
+                    data = data[: budget - sent]
+                    sink.sendall(data)
+                    if record is not None:
+                        record += data
                     self.cuts += 1
                     if self.reset:
                         sink.setsockopt(
@@ -95,6 +109,8 @@ class CuttingProxy:
                     break
                 sink.sendall(data)
                 sent += len(data)
+                if record is not None:
+                    record += data
         except OSError:
             pass
         finally:
@@ -256,7 +272,7 @@ def test_a_server_that_is_not_agent_runs_is_named(server):
     ],
 )
 def test_stream_resumes_through_a_cut_and_sees_every_event_once(server, budgets, reset):
-    proxy = CuttingProxy(int(server.url.rsplit(":", 1)[1]), budgets, reset=reset)
+    proxy = CuttingProxy(server_port(server), budgets, reset=reset)
     try:
         with AgentRunsClient(proxy.url, server.token) as client:
             stream = client.stream("paced", LONG_MESSAGE)
@@ -287,13 +303,45 @@ def test_a_silent_stream_past_the_read_timeout_is_resumed(server):
     assert any(isinstance(event, ToolEnd) and event.result == "slowly found" for event in events)
 
 
-def test_a_stream_cut_before_start_cannot_be_resumed(server):
-    # 60 bytes: inside the response's headers.
-    proxy = CuttingProxy(int(server.url.rsplit(":", 1)[1]), [60])
+def server_port(server) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+def headers_length(server) -> int:
+    """The length of a streamed run's answer up to its body (the same for every run)."""
+    proxy = CuttingProxy(server_port(server), [])
     try:
         with AgentRunsClient(proxy.url, server.token) as client:
+            list(client.stream("assistant", "measure"))
+    finally:
+        proxy.close()
+    return proxy.answers[0].index(b"\r\n\r\n") + 4
+
+
+@pytest.mark.parametrize("where", ["in the headers", "in the START frame"])
+def test_a_stream_cut_before_start_finds_its_run_through_its_new_session(server, where):
+    budget = 60 if where == "in the headers" else headers_length(server) + 40
+    proxy = CuttingProxy(server_port(server), [budget])
+    try:
+        with AgentRunsClient(proxy.url, server.token) as client:
+            stream = client.stream("paced", LONG_MESSAGE)
+            events = list(stream)
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1
+    assert [event.id for event in events] == list(range(1, len(events) + 1))
+    assert isinstance(events[0], Start) and isinstance(events[-1], Stop)
+    assert content(events) == "You said: " + LONG_MESSAGE
+    assert stream.session_id == events[0].session_id
+
+
+def test_a_stream_cut_before_start_in_a_callers_session_raises(server, client):
+    session_id = client.run("assistant", "first")["sessionId"]
+    proxy = CuttingProxy(server_port(server), [60])
+    try:
+        with AgentRunsClient(proxy.url, server.token) as cut:
             with pytest.raises(ConnectionLost):
-                list(client.stream("assistant", "too early"))
+                list(cut.stream("assistant", "second", session_id=session_id))
     finally:
         proxy.close()
 
