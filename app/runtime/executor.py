@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import atexit
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,10 +117,18 @@ class ExecutorSettings:
 class Executor:
     """Runs agent runs in greenlets of this worker and fans their events out."""
 
-    def __init__(self, settings: ExecutorSettings, watcher: RunWatcher | None = None) -> None:
+    def __init__(
+        self,
+        settings: ExecutorSettings,
+        watcher: RunWatcher | None = None,
+        services: Sequence[Callable[[], None]] = (),
+    ) -> None:
+        """``services``: more of the worker's background loops, started and stopped with
+        the executor's own (each runs in a greenlet until it is killed)."""
         self.settings = settings
         # How runs executing elsewhere are followed and cancel requests heard.
         self.watcher = watcher or PollingWatcher(settings.poll_interval)
+        self._extra_services = tuple(services)
         self.log = EventLog(settings.flush_interval, record_endings=record_run_endings)
         self.active: dict[str, ActiveRun] = {}
         self.greenlets = gevent.pool.Group()
@@ -350,6 +358,7 @@ class Executor:
         self._services = [
             gevent.spawn(self._keep),
             gevent.spawn(self._dispatch_background),
+            *(gevent.spawn(service) for service in self._extra_services),
         ]
         self.watcher.start(self._cancel_requested, lambda: self.active)
         path = sqlite_path()
