@@ -54,6 +54,21 @@ DEFAULTS: dict[str, Any] = {
     "AGENT_RUNS_RATE_LIMIT": 1200,
     # Runs RUNNING or QUEUED at once per organisation; more get 429. 0 turns the cap off.
     "AGENT_RUNS_MAX_ACTIVE_RUNS_PER_ORG": 1000,
+    # Webhooks: http:// URLs are refused unless this is true (https only), and so are hosts
+    # that resolve to private, loopback or link-local addresses unless the next is true.
+    "AGENT_RUNS_WEBHOOK_ALLOW_HTTP": False,
+    "AGENT_RUNS_WEBHOOK_ALLOW_PRIVATE": False,
+    # Seconds one delivery attempt may take, connection to answer.
+    "AGENT_RUNS_WEBHOOK_TIMEOUT": 10.0,
+    # Seconds before the first retry of a failed delivery; each further retry waits twice as
+    # long, up to the maximum, until the message is RETRY_FOR seconds old.
+    "AGENT_RUNS_WEBHOOK_RETRY_DELAY": 5.0,
+    "AGENT_RUNS_WEBHOOK_MAX_RETRY_DELAY": 3600.0,
+    "AGENT_RUNS_WEBHOOK_RETRY_FOR": 86_400.0,
+    # How often each worker looks for deliveries due, in seconds.
+    "AGENT_RUNS_WEBHOOK_POLL_INTERVAL": 1.0,
+    # Delivery attempts in flight at once per worker.
+    "AGENT_RUNS_WEBHOOK_CONCURRENCY": 16,
     # JWT bearer tokens from an identity provider: an HS256 secret, or an RS256 public key
     # (PEM text or a file path). Without either, only the server's own tokens are accepted.
     "AGENT_RUNS_JWT_SECRET": None,

@@ -16,8 +16,10 @@ from .auth import JWTSettings
 from .db import database, migrate, open_database
 from .limits import RateLimiter
 from .runtime.agents import AgentRegistry
+from .runtime.delivery import DeliverySettings, WebhookDeliverer
 from .runtime.executor import Executor, ExecutorSettings
 from .runtime.store import sweep_expired_runs
+from .runtime.webhooks import WebhookPolicy
 from .schemas import BatchStatusQuerySchema, RunRequestSchema
 
 
@@ -29,6 +31,7 @@ class AgentRunsState:
     registry: AgentRegistry
     executor: Executor
     rate_limiter: RateLimiter
+    webhook_policy: WebhookPolicy
     jwt: JWTSettings | None = None
     # Built on first request by api.openapi, then served as is.
     openapi_document: dict[str, Any] | None = None
@@ -69,6 +72,22 @@ class AgentRuns:
         )
 
         open_database(settings["AGENT_RUNS_DATABASE_URL"], settings["AGENT_RUNS_DB_POOL_SIZE"])
+        webhook_policy = WebhookPolicy(
+            allow_http=settings["AGENT_RUNS_WEBHOOK_ALLOW_HTTP"],
+            allow_private=settings["AGENT_RUNS_WEBHOOK_ALLOW_PRIVATE"],
+        )
+        deliverer = WebhookDeliverer(
+            DeliverySettings(
+                policy=webhook_policy,
+                timeout=settings["AGENT_RUNS_WEBHOOK_TIMEOUT"],
+                retry_delay=settings["AGENT_RUNS_WEBHOOK_RETRY_DELAY"],
+                max_retry_delay=settings["AGENT_RUNS_WEBHOOK_MAX_RETRY_DELAY"],
+                retry_for=settings["AGENT_RUNS_WEBHOOK_RETRY_FOR"],
+                poll_interval=settings["AGENT_RUNS_WEBHOOK_POLL_INTERVAL"],
+                concurrency=settings["AGENT_RUNS_WEBHOOK_CONCURRENCY"],
+                retention_days=settings["AGENT_RUNS_EVENT_RETENTION_DAYS"],
+            )
+        )
         executor = Executor(
             ExecutorSettings(
                 flush_interval=settings["AGENT_RUNS_EVENT_FLUSH_INTERVAL"],
@@ -79,7 +98,9 @@ class AgentRuns:
                 max_background_runs=settings["AGENT_RUNS_MAX_BACKGROUND_RUNS"],
                 shutdown_timeout=settings["AGENT_RUNS_SHUTDOWN_TIMEOUT"],
                 retention_days=settings["AGENT_RUNS_EVENT_RETENTION_DAYS"],
-            )
+            ),
+            # The outbox's deliverer lives and stops with the worker's other services.
+            services=[deliverer.run],
         )
         if settings["AGENT_RUNS_MIGRATE_ON_START"]:
             migrate()
@@ -92,6 +113,7 @@ class AgentRuns:
             registry=AgentRegistry.from_file(settings["AGENT_RUNS_AGENTS_FILE"]),
             executor=executor,
             rate_limiter=RateLimiter(settings["AGENT_RUNS_RATE_LIMIT"]),
+            webhook_policy=webhook_policy,
             jwt=JWTSettings.from_config(settings),
         )
 

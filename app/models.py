@@ -168,4 +168,89 @@ class Message(BaseModel):
     created_at = peewee.DateTimeField(default=utcnow)
 
 
-MODELS = (ApiToken, Session, Run, RunEvent, Message)
+class IdempotencyKey(BaseModel):
+    """An Idempotency-Key an organisation sent with a run request, and the run it started.
+
+    Unique per organisation in the database itself, so of two requests racing with one key
+    (on any worker) one inserts it, in the transaction that records its run, and the other
+    finds it.
+    """
+
+    id = peewee.AutoField()
+    org_id = peewee.CharField(max_length=128)
+    key = peewee.CharField(max_length=255)
+    # SHA-256 of what was asked: the user, the operation, the agent and the request's body.
+    fingerprint = peewee.CharField(max_length=64)
+    # Set in the transaction that inserts the key; a deleted run takes its key with it.
+    run = peewee.ForeignKeyField(Run, null=True, on_delete="CASCADE")
+    created_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = (
+            (("org_id", "key"), True),
+            (("created_at",), False),
+        )
+
+
+class Webhook(BaseModel):
+    """An endpoint an organisation registered to be told of its runs' ends, and its secret.
+
+    The secret is kept as given to the organisation (``whsec_`` and base64): the server
+    signs every delivery with it.
+    """
+
+    id = peewee.CharField(max_length=64, primary_key=True)
+    org_id = peewee.CharField(max_length=128)
+    url = peewee.TextField()
+    # The event types it gets, such as ["run.completed", "run.failed"].
+    events = JSONField()
+    secret = peewee.CharField(max_length=128)
+    created_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("org_id", "created_at"), False),)
+
+
+class DeliveryStatus:
+    """The states of a webhook delivery: PENDING until a 2xx, or until its retries run out."""
+
+    PENDING = "PENDING"
+    DELIVERED = "DELIVERED"
+    FAILED = "FAILED"
+
+
+class WebhookDelivery(BaseModel):
+    """One message to one webhook: a row of the outbox that the deliverers send and retry.
+
+    Written in the transaction that records the run's end, so a run that ended is announced
+    and one whose end was rolled back is not.
+    """
+
+    id = peewee.AutoField()
+    # Indexed by (webhook, message_id) below, which serves lookups by webhook alone too.
+    webhook = peewee.ForeignKeyField(Webhook, on_delete="CASCADE", index=False)
+    # The webhook-id header: the same on every attempt, so a receiver can drop repeats.
+    message_id = peewee.CharField(max_length=64)
+    event = peewee.CharField(max_length=32)
+    # The body, byte for byte as every attempt sends (and signs) it.
+    payload = peewee.TextField()
+    status = peewee.CharField(max_length=16, default=DeliveryStatus.PENDING)
+    attempts = peewee.IntegerField(default=0)
+    # When the next attempt is due. A deliverer that claims the row moves it past the end of
+    # its attempt: should the deliverer die, the row is due again then.
+    next_attempt_at = peewee.DateTimeField(default=utcnow)
+    # Who holds the row's current attempt: only the holder may record its result.
+    claim = peewee.CharField(max_length=32, null=True)
+    last_status = peewee.IntegerField(null=True)
+    last_error = peewee.TextField(null=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+    delivered_at = peewee.DateTimeField(null=True)
+
+    class Meta:
+        indexes = (
+            (("status", "next_attempt_at"), False),
+            (("webhook", "message_id"), True),
+        )
+
+
+MODELS = (ApiToken, Session, Run, RunEvent, Message, IdempotencyKey, Webhook, WebhookDelivery)

@@ -740,6 +740,40 @@ class SessionRunsPageSchema(Schema):
     next_cursor = CursorField(key_type=str, data_key="nextCursor", allow_none=True)
 
 
+# Webhooks ----------------------------------------------------------------------------------
+
+# The events of runtime.outbox.EVENT_OF_STATUS.
+WEBHOOK_EVENTS = ("run.completed", "run.failed", "run.cancelled", "run.paused")
+
+
+class WebhookRequestSchema(StrictSchema):
+    """The body of POST /webhooks: where to send which events (all four if none are named)."""
+
+    url = fields.String(required=True, validate=[validate.Length(min=1, max=2048), text])
+    events = fields.List(
+        fields.String(validate=validate.OneOf(WEBHOOK_EVENTS)),
+        load_default=lambda: list(WEBHOOK_EVENTS),
+        validate=validate.Length(min=1, max=len(WEBHOOK_EVENTS)),
+    )
+
+
+class WebhookSchema(Schema):
+    """A registered webhook, as listed: never its secret."""
+
+    id = fields.String()
+    url = fields.String()
+    events = fields.List(fields.String(validate=validate.OneOf(WEBHOOK_EVENTS)))
+    created_at = UTCDateTime(data_key="createdAt")
+
+
+class NewWebhookSchema(WebhookSchema):
+    """The answer of POST /webhooks: the webhook with its signing secret, shown this once."""
+
+    secret = fields.String(
+        metadata={"description": "Standard Webhooks signing secret: whsec_ and base64."}
+    )
+
+
 # Documents ---------------------------------------------------------------------------------
 
 

@@ -11,7 +11,11 @@ def test_start_applies_the_migrations_once(database_url):
     create_app({"AGENT_RUNS_DATABASE_URL": database_url})
     with database.connection_context():
         status = Runner(database.obj, directory=migrations_directory()).status()
-        assert [m.name for m in status] == ["0001_initial", "0002_fewer_indexes"]
+        assert [m.name for m in status] == [
+            "0001_initial",
+            "0002_fewer_indexes",
+            "0004_webhooks_and_idempotency",
+        ]
         assert all(m.applied for m in status)
         tables = set(database.get_tables())
     assert {model._meta.table_name for model in MODELS} <= tables
@@ -47,9 +51,12 @@ def test_migrations_go_down_and_up_again(database_url):
     runner = Runner(database.obj, directory=migrations_directory())
     with database.connection_context():
         runner.down()
+        assert "webhook_delivery" not in database.get_tables()
+        runner.down()
         assert "run_event_run_id" in {i.name for i in database.get_indexes("run_event")}
-        assert runner.up() == ["0002_fewer_indexes"]
+        assert runner.up() == ["0002_fewer_indexes", "0004_webhooks_and_idempotency"]
         assert "run_event_run_id" not in {i.name for i in database.get_indexes("run_event")}
+        assert "webhook_delivery" in database.get_tables()
 
 
 def test_sqlite_runs_in_wal_mode(database_url):

@@ -60,7 +60,12 @@ def test_every_route_of_the_api_is_described(app, client):
         for method in rule.methods - {"HEAD", "OPTIONS"}
     }
     # Flask names path variables in snake_case, the API in camelCase.
-    for name, camel in (("agent_id", "agentId"), ("run_id", "runId"), ("session_id", "sessionId")):
+    for name, camel in (
+        ("agent_id", "agentId"),
+        ("run_id", "runId"),
+        ("session_id", "sessionId"),
+        ("webhook_id", "webhookId"),
+    ):
         routes = {(m, r.replace(f"<{name}>", f"<{camel}>")) for m, r in routes}
     assert described == routes
 

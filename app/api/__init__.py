@@ -65,4 +65,4 @@ def _close_database(exc: BaseException | None) -> None:
         context.__exit__(None, None, None)
 
 
-from . import agents, openapi, runs, sessions  # noqa: E402,F401  (views register themselves on bp)
+from . import agents, openapi, runs, sessions, webhooks  # noqa: E402,F401  (views register on bp)

@@ -24,6 +24,7 @@ from ..schemas import (
     AgentStreamEventSchema,
     ContinueRequestSchema,
     EventsQuerySchema,
+    NewWebhookSchema,
     ProblemSchema,
     QueuedRunSchema,
     RunRequestSchema,
@@ -34,6 +35,8 @@ from ..schemas import (
     SessionQuerySchema,
     SessionRunsPageSchema,
     SessionRunsQuerySchema,
+    WebhookRequestSchema,
+    WebhookSchema,
 )
 from . import bp
 
@@ -221,6 +224,7 @@ def build_document(app: Flask) -> dict[str, Any]:
         "schema": {"type": "string", "pattern": "^[0-9]+$", "maxLength": len(str(MAX_EVENT_ID))},
     }
     start_errors = (*BODY_ERRORS, 404, 409)
+    webhook_id = _path_parameter("webhookId", "A webhook's id, as registering it answered.")
 
     paths: dict[str, dict[str, Any]] = {
         "/openapi.json": {
@@ -356,6 +360,44 @@ def build_document(app: Flask) -> dict[str, Any]:
                 },
             ),
         },
+        "/webhooks": {
+            "get": _operation(
+                operation_id="webhooks",
+                summary="List the organisation's webhooks (admin).",
+                tag="webhooks",
+                responses={200: _json_response("The webhooks.", WebhookSchema(many=True))},
+            ),
+            "post": _operation(
+                operation_id="create_webhook",
+                summary="Register a webhook for the organisation's run ends (admin).",
+                tag="webhooks",
+                body=WebhookRequestSchema,
+                errors=BODY_ERRORS,
+                responses={
+                    201: _json_response(
+                        "The webhook, with its signing secret: shown this once.",
+                        NewWebhookSchema,
+                    )
+                },
+            ),
+        },
+        "/webhooks/{webhookId}": {
+            "parameters": [webhook_id],
+            "get": _operation(
+                operation_id="webhook_detail",
+                summary="Read one webhook (admin).",
+                tag="webhooks",
+                errors=(404,),
+                responses={200: _json_response("The webhook.", WebhookSchema)},
+            ),
+            "delete": _operation(
+                operation_id="remove_webhook",
+                summary="Delete a webhook and the deliveries it still had to get (admin).",
+                tag="webhooks",
+                errors=(404,),
+                responses={204: {"description": "The webhook is gone."}},
+            ),
+        },
         "/sessions": {
             "get": _operation(
                 operation_id="list_sessions",
@@ -415,6 +457,11 @@ def build_document(app: Flask) -> dict[str, Any]:
         ("agents", "The agents this server runs."),
         ("runs", "Starting, following, cancelling and reading runs."),
         ("sessions", "Conversations and their history."),
+        (
+            "webhooks",
+            "Signed notices of runs that completed, failed, were cancelled or paused "
+            "(Standard Webhooks).",
+        ),
         ("meta", "About the API itself."),
     ):
         spec.tag({"name": tag, "description": description})

@@ -32,6 +32,7 @@ from . import store
 from .agents import Agent
 from .events import PING_FRAME, Event, EventLog, EventType, RunChannel, json_data
 from .loop import AgentLoop, RunCancelled, RunPaused, Usage
+from .outbox import RunNotice
 from .store import (
     RunEnding,
     cancelled_tool_message,
@@ -66,6 +67,8 @@ class RunJob:
     agent: Agent
     provider: Provider
     model: str
+    # The organisation and agent the run belongs to, for the webhooks told of its end.
+    org_id: str
     media: list[dict[str, Any]] = field(default_factory=list)
     temperature: float | None = None
     max_tokens: int | None = None
@@ -333,6 +336,15 @@ class Executor:
             release=None
             if paused
             else {"session_id": job.session_pk, "run_id": job.run_id, "now": now},
+            notice=RunNotice(
+                run_id=job.run_id,
+                org_id=job.org_id,
+                agent_id=job.agent.id,
+                session_id=job.session_uid,
+                status=outcome.status,
+                usage=result["usage"],
+                completed_at=result["completed_at"],
+            ),
         )
 
         def done() -> None:

@@ -22,11 +22,13 @@ from ..providers.base import resolve_model
 from .agents import Agent, AgentRegistry
 from .events import Event, EventType, json_data, now_ms, write_event
 from .executor import ActiveRun, Executor, RunJob
+from .outbox import enqueue_notices
 from .store import (
     cancelled_tool_message,
     close_run_log,
     lease_deadline,
     release_session,
+    run_notice,
     save_messages,
 )
 
@@ -282,6 +284,7 @@ def start_run(
         agent=agent,
         provider=provider,
         model=model_name,
+        org_id=principal.org_id,
         media=body.get("media") or [],
         temperature=options.get("temperature"),
         max_tokens=options.get("max_tokens"),
@@ -336,6 +339,7 @@ def continue_run(
         agent=agent,
         provider=provider,
         model=model_name,
+        org_id=run.org_id,
         temperature=options.get("temperature"),
         max_tokens=options.get("max_tokens"),
         generate_followups=(run.request or {}).get("generateFollowups", False),
@@ -389,6 +393,8 @@ def _cancel_paused(executor: Executor, run: Run) -> None:
         save_messages(run.session.id, run.id, unanswered, now)
         close_run_log(run.id, EventType.STOP, json_data({"reason": "cancelled"}))
         release_session(run.session.id, run.id, now)
+        run.status, run.completed_at = RunStatus.CANCELLED, now
+        enqueue_notices([run_notice(run)])
 
 
 def runs_of(principal: Principal) -> peewee.ModelSelect[Run]:

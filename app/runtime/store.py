@@ -20,6 +20,7 @@ from typing import Any
 from ..db import Statement, database, insert_statement
 from ..models import Message, Run, RunEvent, RunStatus, Session, utcnow
 from .events import Event, EventType, now_ms, write_event
+from .outbox import RunNotice, enqueue_notices
 
 logger = logging.getLogger(__name__)
 
@@ -147,22 +148,26 @@ _RECORD_OUTCOME = Statement(
 
 @dataclass
 class RunEnding:
-    """A run's final writes: its outcome, its new messages, and its session released."""
+    """A run's final writes: its outcome, its new messages, its session released, and what
+    its organisation's webhooks are told."""
 
     outcome: dict[str, Any]
     messages: list[dict[str, Any]]
     release: dict[str, Any] | None
+    notice: RunNotice | None = None
 
 
 def record_run_endings(endings: list[RunEnding]) -> None:
-    """Write the final state of runs that ended: three prepared statements for them all.
+    """Write the final state of runs that ended: a few prepared statements for them all.
 
     The event log calls this in the transaction of their last events, with every run that
-    ended since its last batch (or, if that fails, with each on its own).
+    ended since its last batch (or, if that fails, with each on its own). Their webhook
+    messages join the same transaction.
     """
     _RECORD_OUTCOME.execute_many([ending.outcome for ending in endings])
     _INSERT_MESSAGE.execute_many([row for ending in endings for row in ending.messages])
     _RELEASE_SESSION.execute_many([e.release for e in endings if e.release is not None])
+    enqueue_notices([ending.notice for ending in endings if ending.notice is not None])
 
 
 def message_rows(
@@ -241,11 +246,30 @@ def sweep_expired_runs() -> list[str]:
             if not updated:
                 continue
             close_run_log(run_id, EventType.ERROR, LOST_MESSAGE)
-            session_pk = Run.select(Run.session).where(Run.id == run_id).scalar()
-            release_session(session_pk, run_id, now)
+            run = (
+                Run.select(Run, Session.id, Session.uid)
+                .join(Session)
+                .where(Run.id == run_id)
+                .get()
+            )
+            release_session(run.session.id, run_id, now)
+            enqueue_notices([run_notice(run)])
         swept.append(run_id)
         logger.warning("run %s failed: its worker stopped (lease expired)", run_id)
     return swept
+
+
+def run_notice(run: Run) -> RunNotice:
+    """The webhook notice of a run read with its session, in the state just written."""
+    return RunNotice(
+        run_id=run.id,
+        org_id=run.org_id,
+        agent_id=run.agent_id,
+        session_id=run.session.uid,
+        status=run.status,
+        usage=run.usage,
+        completed_at=run.completed_at,
+    )
 
 
 def prune_events(retention_days: float) -> int:
