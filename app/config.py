@@ -54,6 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "AGENT_RUNS_RATE_LIMIT": 1200,
     # Runs RUNNING or QUEUED at once per organisation; more get 429. 0 turns the cap off.
     "AGENT_RUNS_MAX_ACTIVE_RUNS_PER_ORG": 1000,
+    # Idempotency-Key on run creation: seconds a key keeps naming the run it started.
+    "AGENT_RUNS_IDEMPOTENCY_TTL": 86_400.0,
     # Webhooks: http:// URLs are refused unless this is true (https only), and so are hosts
     # that resolve to private, loopback or link-local addresses unless the next is true.
     "AGENT_RUNS_WEBHOOK_ALLOW_HTTP": False,

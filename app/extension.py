@@ -98,6 +98,7 @@ class AgentRuns:
                 max_background_runs=settings["AGENT_RUNS_MAX_BACKGROUND_RUNS"],
                 shutdown_timeout=settings["AGENT_RUNS_SHUTDOWN_TIMEOUT"],
                 retention_days=settings["AGENT_RUNS_EVENT_RETENTION_DAYS"],
+                idempotency_ttl=settings["AGENT_RUNS_IDEMPOTENCY_TTL"],
             ),
             # The outbox's deliverer lives and stops with the worker's other services.
             services=[deliverer.run],

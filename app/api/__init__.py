@@ -11,6 +11,7 @@ from flask import Blueprint, Response, current_app, g, request
 from ..auth import authenticate, require_scope
 from ..db import database
 from ..errors import problem, register_error_handlers
+from ..runtime.idempotency import KeyReused
 from ..runtime.runs import NotFound, RunRequestRejected, RunStateConflict, TooManyActiveRuns
 
 bp = Blueprint("agent_runs", __name__)
@@ -37,6 +38,11 @@ def _rejected(error: RunRequestRejected) -> Response:
     # 422s name the field as validation errors do; 403 and 409 say what is in the way.
     errors = {error.field: [error.message]} if error.status == 422 else None
     return problem(error.status, error.message, errors=errors)
+
+
+@bp.errorhandler(KeyReused)
+def _key_reused(error: KeyReused) -> Response:
+    return problem(422, str(error), errors={"Idempotency-Key": [str(error)]})
 
 
 # Endpoints anyone may call: the API's description.

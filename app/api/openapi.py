@@ -16,6 +16,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 
 from .. import __version__
 from ..errors import PROBLEM_MIMETYPE
+from ..runtime.idempotency import MAX_KEY_LENGTH
 from ..schemas import (
     ID_PATTERN,
     MAX_EVENT_ID,
@@ -176,6 +177,10 @@ def _path_parameter(name: str, description: str, **schema: Any) -> dict[str, Any
     }
 
 
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:g} h"
+
+
 def build_document(app: Flask) -> dict[str, Any]:
     """Return the OpenAPI document of the API as ``app`` serves it."""
     state = app.extensions["agent_runs"]
@@ -224,6 +229,19 @@ def build_document(app: Flask) -> dict[str, Any]:
         "schema": {"type": "string", "pattern": "^[0-9]+$", "maxLength": len(str(MAX_EVENT_ID))},
     }
     start_errors = (*BODY_ERRORS, 404, 409)
+    idempotency_key = {
+        "in": "header",
+        "name": "Idempotency-Key",
+        "required": False,
+        "description": "Makes retries safe (IETF httpapi idempotency-key draft): a request "
+        "with the key of an earlier one from the organisation, within "
+        f"{_hours(state.config['AGENT_RUNS_IDEMPOTENCY_TTL'])}, gets that request's run (the "
+        "stream replays its events) instead of a new one, with the header "
+        "`Idempotent-Replayed: true`; the same key with anything else in the request is a "
+        '422. A Structured Fields string ("...") or the bare key, printable ASCII, '
+        f"at most {MAX_KEY_LENGTH} characters.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH + 2},
+    }
     webhook_id = _path_parameter("webhookId", "A webhook's id, as registering it answered.")
 
     paths: dict[str, dict[str, Any]] = {
@@ -260,6 +278,7 @@ def build_document(app: Flask) -> dict[str, Any]:
             "parameters": [agent_id],
             "post": _operation(
                 operation_id="create_run",
+                parameters=[idempotency_key],
                 summary="Run the agent and answer when the run has finished or paused.",
                 tag="runs",
                 body=RunRequestSchema,
@@ -276,6 +295,7 @@ def build_document(app: Flask) -> dict[str, Any]:
             "parameters": [agent_id],
             "post": _operation(
                 operation_id="stream_run",
+                parameters=[idempotency_key],
                 summary="Run the agent and stream its events as they happen.",
                 tag="runs",
                 body=RunRequestSchema,
@@ -287,6 +307,7 @@ def build_document(app: Flask) -> dict[str, Any]:
             "parameters": [agent_id],
             "post": _operation(
                 operation_id="queue_run",
+                parameters=[idempotency_key],
                 summary="Queue a run; follow it on /events or /status.",
                 tag="runs",
                 body=RunRequestSchema,

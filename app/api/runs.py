@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Response, current_app, g, request
+from flask import Response, current_app, g, jsonify, request
 from werkzeug.exceptions import BadRequest
 
 from ..errors import ApiError
-from ..runtime.executor import ActiveRun, Executor
+from ..runtime.executor import Executor
+from ..runtime.idempotency import IdempotentRequest, KeyInvalid, parse_key
 from ..runtime.runs import (
+    StartedRun,
     cancel_run,
     continue_run,
     get_agent,
@@ -30,6 +32,8 @@ from ..schemas import (
 from . import bp
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Set on the answer to a retry that an Idempotency-Key matched to an earlier run.
+REPLAYED_HEADER = "Idempotent-Replayed"
 
 
 def _state() -> Any:
@@ -60,11 +64,25 @@ def _json_body() -> dict[str, Any]:
     return body
 
 
-def _start(agent_id: str, *, background: bool = False) -> tuple[ActiveRun, dict[str, Any]]:
+def _idempotency(body: dict[str, Any]) -> IdempotentRequest | None:
+    """Return the request's Idempotency-Key with what it asked, or None if it sent none."""
+    header = request.headers.get("Idempotency-Key")
+    if header is None:
+        return None
+    try:
+        key = parse_key(header)
+    except KeyInvalid as error:
+        raise ApiError(
+            422, f"Idempotency-Key: {error}", errors={"Idempotency-Key": [str(error)]}
+        ) from None
+    return IdempotentRequest(key, request.endpoint or "", body)
+
+
+def _start(agent_id: str, *, background: bool = False) -> tuple[StartedRun, dict[str, Any]]:
     state = _state()
     agent = get_agent(state.registry, agent_id)
     body = state.run_request_schema.load(_json_body())
-    active = start_run(
+    started = start_run(
         state.executor,
         agent,
         g.principal,
@@ -72,8 +90,16 @@ def _start(agent_id: str, *, background: bool = False) -> tuple[ActiveRun, dict[
         default_model=state.default_model,
         background=background,
         max_active_runs=state.config["AGENT_RUNS_MAX_ACTIVE_RUNS_PER_ORG"],
+        idempotency=_idempotency(body),
+        idempotency_ttl=state.config["AGENT_RUNS_IDEMPOTENCY_TTL"],
     )
-    return active, body
+    return started, body
+
+
+def _replayed(response: Response, started: StartedRun) -> Response:
+    if started.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    return response
 
 
 def event_stream(frames: Iterator[bytes]) -> Response:
@@ -94,40 +120,44 @@ def _follow_or_cancel(executor: Executor, run_id: str) -> Iterator[bytes]:
             executor.cancel(run_id)
 
 
-def _run_response(agent_id: str, active: ActiveRun) -> Any:
+def _run_response(agent_id: str, run_id: str) -> Any:
     """Wait for the run to stop, then answer its RunResponse."""
     # The request gives its database connection back while it waits: a run may take minutes.
     g.agent_runs_db.__exit__(None, None, None)
     try:
-        active.wait()
+        _state().executor.wait(run_id)
     finally:
         g.agent_runs_db.__enter__()
-    return RunResponseSchema().dump(get_run(g.principal, agent_id, active.job.run_id))
+    return RunResponseSchema().dump(get_run(g.principal, agent_id, run_id))
 
 
 @bp.post("/agents/<agent_id>/runs")
 def create_run(agent_id: str) -> Any:
     """Run the agent and answer when the run has finished (or paused for approval)."""
-    active, _ = _start(agent_id)
-    return _run_response(agent_id, active)
+    started, _ = _start(agent_id)
+    return _replayed(jsonify(_run_response(agent_id, started.run_id)), started)
 
 
 @bp.post("/agents/<agent_id>/runs/stream")
 def stream_run(agent_id: str) -> Response:
-    """Run the agent and stream its events as they happen."""
-    active, body = _start(agent_id)
+    """Run the agent and stream its events as they happen (a retry: the same run's events)."""
+    started, body = _start(agent_id)
     executor = _state().executor
     if (body.get("options") or {}).get("on_disconnect") == "cancel":
-        return event_stream(_follow_or_cancel(executor, active.job.run_id))
-    return event_stream(executor.follow(active.job.run_id))
+        frames = _follow_or_cancel(executor, started.run_id)
+    else:
+        frames = executor.follow(started.run_id)
+    return _replayed(event_stream(frames), started)
 
 
 @bp.post("/agents/<agent_id>/runs/background")
 def queue_run(agent_id: str) -> Any:
     """Queue a run and answer at once; follow it on /events or /status."""
-    active, _ = _start(agent_id, background=True)
-    run = get_run(g.principal, agent_id, active.job.run_id)
-    return QueuedRunSchema().dump(run), 202
+    started, _ = _start(agent_id, background=True)
+    run = get_run(g.principal, agent_id, started.run_id)
+    response = jsonify(QueuedRunSchema().dump(run))
+    response.status_code = 202
+    return _replayed(response, started)
 
 
 @bp.get("/agents/<agent_id>/runs/<run_id>/events")
@@ -169,7 +199,7 @@ def continue_paused(agent_id: str, run_id: str) -> Any:
     active = continue_run(
         state.executor, agent, g.principal, run_id, action, default_model=state.default_model
     )
-    return _run_response(agent_id, active)
+    return _run_response(agent_id, active.job.run_id)
 
 
 @bp.get("/agents/<agent_id>/runs/status")

@@ -31,6 +31,7 @@ from ..providers.base import Provider, ProviderError
 from . import store
 from .agents import Agent
 from .events import PING_FRAME, Event, EventLog, EventType, RunChannel, json_data
+from .idempotency import prune_keys
 from .loop import AgentLoop, RunCancelled, RunPaused, Usage
 from .outbox import RunNotice
 from .store import (
@@ -115,6 +116,8 @@ class ExecutorSettings:
     shutdown_timeout: float = 25.0
     # Days the events of a finished run are kept.
     retention_days: float = 7.0
+    # Seconds an Idempotency-Key names the run it started.
+    idempotency_ttl: float = 86_400.0
 
 
 class Executor:
@@ -211,6 +214,22 @@ class Executor:
                     quiet_since = clock.now()
                 if news:
                     break
+
+    def wait(self, run_id: str) -> None:
+        """Return once a run has ended or paused, wherever it executes.
+
+        A run of this worker is waited for; one of another worker is polled in the database.
+        Holds no database connection while it waits.
+        """
+        active = self.active.get(run_id)
+        if active is not None:
+            active.wait()
+            return
+        while True:
+            with database.connection_context():
+                if store.is_settled(run_id):
+                    return
+            gevent.sleep(self.settings.poll_interval)
 
     # Cancelling -------------------------------------------------------------------------
 
@@ -393,6 +412,7 @@ class Executor:
                         last_renewal = now
                     if now - last_prune >= PRUNE_EVERY:
                         prune_events(self.settings.retention_days)
+                        prune_keys(self.settings.idempotency_ttl)
                         last_prune = now
                 if self._checkpointer is not None and (error := self._checkpointer.take_error()):
                     logger.warning("checkpointing the database's log failed: %s", error)

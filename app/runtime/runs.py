@@ -22,6 +22,7 @@ from ..providers.base import resolve_model
 from .agents import Agent, AgentRegistry
 from .events import Event, EventType, json_data, now_ms, write_event
 from .executor import ActiveRun, Executor, RunJob
+from .idempotency import IdempotentRequest, bind_key, claim_key
 from .outbox import enqueue_notices
 from .store import (
     cancelled_tool_message,
@@ -91,6 +92,14 @@ class NotFound(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+@dataclass(frozen=True)
+class StartedRun:
+    """The run a request started, or, for a retry with an Idempotency-Key, the earlier one."""
+
+    run_id: str
+    replayed: bool = False
 
 
 def new_run_id() -> str:
@@ -229,12 +238,18 @@ def start_run(
     default_model: str,
     background: bool = False,
     max_active_runs: int = 0,
-) -> ActiveRun:
+    idempotency: IdempotentRequest | None = None,
+    idempotency_ttl: float = 86_400.0,
+) -> StartedRun:
     """Record a new run of ``agent`` for the caller and start executing (or queue) it.
 
     ``max_active_runs`` caps the organisation's RUNNING and QUEUED runs (0: no cap). The
     count is taken inside the transaction that inserts the run, after its first write, so
     on SQLite, whose writers take turns, two workers cannot both slip under the cap.
+
+    With ``idempotency``, the key is claimed first in that transaction: a key that already
+    names a run of the same request returns that run, started by nobody again (see
+    :mod:`.idempotency`).
     """
     user_id = _acting_user(principal, body)
     options = body.get("options") or {}
@@ -248,6 +263,14 @@ def start_run(
     uid = body.get("session_id") or str(uuid.uuid4())
     now = utcnow()
     with database.atomic():
+        key_id = None
+        if idempotency is not None:
+            fingerprint = idempotency.fingerprint(agent.id, user_id)
+            key_id, earlier = claim_key(
+                principal.org_id, idempotency.key, fingerprint, idempotency_ttl
+            )
+            if earlier is not None:
+                return StartedRun(earlier, replayed=True)
         session_pk, new_session = _claim_session(principal, user_id, agent, uid, run_id)
         if max_active_runs:
             _check_active_runs(principal.org_id, max_active_runs)
@@ -277,6 +300,8 @@ def start_run(
             run_id, 1, EventType.START, json_data({"runId": run_id, "sessionId": uid}), now_ms()
         )
         write_event(start)
+        if key_id is not None:
+            bind_key(key_id, run_id)
     job = RunJob(
         run_id=run_id,
         session_pk=session_pk,
@@ -292,7 +317,8 @@ def start_run(
         # A new session's whole conversation is this message: no need to read it back.
         history=[{"role": "user", "content": body["message"]}] if new_session else None,
     )
-    return executor.start(job, start_event=start, background=background)
+    executor.start(job, start_event=start, background=background)
+    return StartedRun(run_id)
 
 
 def _check_active_runs(org_id: str, cap: int) -> None:
