@@ -14,10 +14,11 @@ import time
 import pytest
 from standardwebhooks import Webhook as Verifier
 
+import agent_runs
 from agent_runs import create_app
 from agent_runs.auth import create_token
 from agent_runs.db import database
-from agent_runs.models import DeliveryStatus, Webhook, WebhookDelivery
+from agent_runs.models import DeliveryStatus, Run, RunStatus, Webhook, WebhookDelivery
 from agent_runs.runtime.delivery import (
     Answer,
     Attempt,
@@ -28,6 +29,7 @@ from agent_runs.runtime.delivery import (
     sign,
 )
 from agent_runs.runtime.outbox import EVENT_OF_STATUS
+from agent_runs.runtime.store import sweep_expired_runs
 from agent_runs.runtime.webhooks import WebhookPolicy, address_allowed
 from agent_runs.schemas import WEBHOOK_EVENTS
 
@@ -248,6 +250,53 @@ def test_a_run_end_writes_one_row_per_webhook_wanting_its_event(client, admin, a
             "completedAt": status["completedAt"],
         },
     }
+
+
+def park_webhook(events):
+    """A webhook whose deliveries this test reads before any deliverer may send them."""
+    with database.connection_context():
+        Webhook.create(
+            id="wh_parked",
+            org_id="acme",
+            url="https://127.0.0.1:9/",
+            events=events,
+            secret="whsec_a2s=",
+        )
+
+
+def test_a_run_failed_by_the_sweep_is_announced(client, auth):
+    run = client.post("/api/agents/assistant/runs", headers=auth, json={"message": "hi"}).json
+    park_webhook(["run.failed"])
+    with database.connection_context():
+        # As if the run's worker had died mid-run: RUNNING, lease expired.
+        Run.update(status=RunStatus.RUNNING, lease_expires_at=datetime.datetime(2020, 1, 1)).where(
+            Run.id == run["runId"]
+        ).execute()
+        assert sweep_expired_runs() == [run["runId"]]
+    [row] = deliveries()
+    data = json.loads(row.payload)["data"]
+    assert row.event == "run.failed"
+    assert data["runId"] == run["runId"] and data["status"] == "FAILED"
+    assert data["sessionId"] == run["sessionId"] and data["completedAt"].endswith("Z")
+
+
+def test_a_paused_run_and_its_cancel_are_announced(client, auth, agents):
+    @agent_runs.tool(requires_approval=True)
+    def wire_money(amount: str) -> str:
+        """Send money."""
+        return f"sent {amount}"
+
+    agent = agents("banker", tools=[wire_money])
+    park_webhook(["run.paused", "run.cancelled"])
+    run = client.post(f"/api/agents/{agent}/runs", headers=auth, json={"message": "5"}).json
+    assert run["status"] == "PAUSED"
+    assert (
+        client.delete(f"/api/agents/{agent}/runs/{run['runId']}", headers=auth).status_code == 202
+    )
+    paused, cancelled = (json.loads(row.payload) for row in deliveries())
+    assert paused["type"] == "run.paused" and paused["data"]["completedAt"] is None
+    assert cancelled["type"] == "run.cancelled"
+    assert cancelled["data"]["status"] == "CANCELLED" and cancelled["data"]["runId"] == run["runId"]
 
 
 def test_signatures_verify_with_the_standard_webhooks_library():
