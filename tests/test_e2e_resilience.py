@@ -76,10 +76,13 @@ FINAL_STATUSES = {"COMPLETED", "FAILED", "CANCELLED"}
 
 
 @contextmanager
-def serve(folder: Path, *, workers: int, env: dict[str, str] | None = None):
-    """A gunicorn serving AGENTS_YAML, able to import tests.e2e_tools, logging tool calls."""
+def serve(
+    folder: Path, *, workers: int, env: dict[str, str] | None = None, agents: str = AGENTS_YAML
+):
+    """A gunicorn serving ``agents`` (AGENTS_YAML), able to import tests.e2e_tools, logging
+    tool calls."""
     agents_file = folder / "agents.yaml"
-    agents_file.write_text(AGENTS_YAML, encoding="utf-8")
+    agents_file.write_text(agents, encoding="utf-8")
     python_path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     with GunicornServer(
         folder,

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import sqlite3
 import time
 from pathlib import Path
@@ -21,14 +20,13 @@ import pytest
 import requests
 from standardwebhooks import Webhook as Verifier
 
-from .server import GunicornServer
 from .test_e2e_resilience import (
     AGENTS_YAML,
-    REPO_ROOT,
     open_on,
     wait_for_status,
     wait_for_workers,
 )
+from .test_e2e_resilience import serve as serve_agents
 from .webhook_receiver import HANG, Receiver, closed_port
 
 AGENTS = (
@@ -56,14 +54,8 @@ OPEN = {
 
 @contextlib.contextmanager
 def serve(folder: Path, *, workers: int = 2, env: dict[str, str] | None = None):
-    agents_file = folder / "agents.yaml"
-    agents_file.write_text(AGENTS, encoding="utf-8")
-    python_path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
-    with GunicornServer(
-        folder,
-        workers=workers,
-        env={"AGENT_RUNS_AGENTS_FILE": str(agents_file), "PYTHONPATH": python_path, **(env or {})},
-    ) as server:
+    """A gunicorn with an admin token (``server.admin``), every worker's deliverer started."""
+    with serve_agents(folder, workers=workers, env=env, agents=AGENTS) as server:
         server.admin = (
             server.cli("tokens", "create", "--org", "acme", "--scope", "admin")
             .stdout.strip()

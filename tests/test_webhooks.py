@@ -68,6 +68,19 @@ def deliveries():
         return list(WebhookDelivery.select().order_by(WebhookDelivery.id))
 
 
+def park_webhook(events, id="wh_parked"):
+    """A webhook to a loopback address the default policy refuses at delivery: its rows stay
+    PENDING for the test to read."""
+    with database.connection_context():
+        Webhook.create(
+            id=id,
+            org_id="acme",
+            url="https://127.0.0.1:9/",
+            events=events,
+            secret="whsec_a2s=",
+        )
+
+
 # Registering ------------------------------------------------------------------------------
 
 # A public address given as such: registering it resolves nothing. No test runs anything for
@@ -252,18 +265,6 @@ def test_a_run_end_writes_one_row_per_webhook_wanting_its_event(client, admin, a
     }
 
 
-def park_webhook(events):
-    """A webhook whose deliveries this test reads before any deliverer may send them."""
-    with database.connection_context():
-        Webhook.create(
-            id="wh_parked",
-            org_id="acme",
-            url="https://127.0.0.1:9/",
-            events=events,
-            secret="whsec_a2s=",
-        )
-
-
 def test_a_run_failed_by_the_sweep_is_announced(client, auth):
     run = client.post("/api/agents/assistant/runs", headers=auth, json={"message": "hi"}).json
     park_webhook(["run.failed"])
@@ -315,14 +316,7 @@ def test_signatures_verify_with_the_standard_webhooks_library():
 
 
 def test_a_claimed_row_is_claimed_once_and_recorded_only_by_its_claimant(client, admin, auth):
-    with database.connection_context():
-        Webhook.create(
-            id="wh_x",
-            org_id="acme",
-            url="https://127.0.0.1:9/",
-            events=["run.completed"],
-            secret="whsec_a2s=",
-        )
+    park_webhook(["run.completed"], id="wh_x")
     client.post("/api/agents/assistant/runs", headers=auth, json={"message": "hi"})
     settings = DeliverySettings(retry_delay=60)
     with database.connection_context():
@@ -340,14 +334,7 @@ def test_a_claimed_row_is_claimed_once_and_recorded_only_by_its_claimant(client,
 
 
 def test_a_failure_past_the_retry_window_is_final(client, auth):
-    with database.connection_context():
-        Webhook.create(
-            id="wh_y",
-            org_id="acme",
-            url="https://127.0.0.1:9/",
-            events=["run.completed"],
-            secret="whsec_a2s=",
-        )
+    park_webhook(["run.completed"], id="wh_y")
     client.post("/api/agents/assistant/runs", headers=auth, json={"message": "hi"})
     settings = DeliverySettings(retry_delay=10, retry_for=5)
     with database.connection_context():
