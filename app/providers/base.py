@@ -83,6 +83,15 @@ class ModelRequest:
 class ProviderError(Exception):
     """A model call that failed; the run ends FAILED with this message."""
 
+    # The run's errorType.
+    error_type = "model_error"
+
+
+class ModelCrashed(ProviderError):
+    """The process running the model died during the call."""
+
+    error_type = "model_crashed"
+
 
 class UnknownModel(ValueError):
     """A model string that names no back end this server has."""

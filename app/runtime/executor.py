@@ -298,7 +298,7 @@ class Executor:
         except RunCancelled:
             return Outcome(RunStatus.CANCELLED, EventType.STOP, json_data({"reason": "cancelled"}))
         except ProviderError as exc:
-            return Outcome(RunStatus.FAILED, EventType.ERROR, str(exc), "model_error")
+            return Outcome(RunStatus.FAILED, EventType.ERROR, str(exc), exc.error_type)
         except Exception as exc:
             logger.exception("run %s failed", job.run_id)
             message = f"The run failed: {type(exc).__name__}."
