@@ -202,6 +202,44 @@ def _announce_first_token(bind: str) -> None:
     )
 
 
+def _announce_embedded_model() -> None:
+    """Load the agents' embedded models before the workers start, and say how it went."""
+    from .config import NO_EMBEDDED_MODEL
+    from .providers.local import amx_opt_in, model_host, model_spec
+    from .providers.local_host import CPU_AMX_NOTE
+
+    state = current_app.extensions["agent_runs"]
+    os.environ["AGENT_RUNS_SERVE_ANNOUNCED"] = "1"
+    models = state.registry.local_models(state.default_model)
+    if not models:
+        if state.default_model == "scripted" and not os.environ.get("AGENT_RUNS_DEFAULT_MODEL"):
+            click.echo(NO_EMBEDDED_MODEL, err=True)
+        return
+    host = model_host()
+    for name, options in models:
+        try:
+            spec = model_spec(name, options)
+            hello = host.start([spec], lease=False)
+            info = host.load(spec)
+        except ValueError as error:  # ProviderError is one too
+            click.echo(
+                f"Error: the embedded model {name or ''} cannot run: {error}\n"
+                "The server starts anyway; runs of the agents on that model fail saying why.",
+                err=True,
+            )
+            continue
+        system = hello.get("system", {})
+        buffers = ", ".join(info.get("buffers") or []) or "CPU"
+        click.echo(
+            f"Embedded model {os.path.basename(info['path'])} loaded in {info['seconds']:.1f} s "
+            f"by the model process (pid {hello.get('pid')}, llama-cpp-python "
+            f"{system.get('llama_cpp_python')}): weights in {buffers} buffers.",
+            err=True,
+        )
+        if system.get("amx_cpu") and not amx_opt_in():
+            click.echo(CPU_AMX_NOTE, err=True)
+
+
 @cli.command("serve")
 @click.option(
     "--bind",
@@ -214,6 +252,7 @@ def _announce_first_token(bind: str) -> None:
 def serve_command(bind: str | None, workers: int | None, config_path: str | None) -> None:
     """Serve the API with gunicorn's gevent worker (the database is migrated first)."""
     bind = bind or os.environ.get("AGENT_RUNS_BIND") or DEFAULT_BIND
+    _announce_embedded_model()
     _announce_first_token(bind)
     argv = [sys.executable, "-m", "gunicorn", "--bind", bind]
     config_file = _gunicorn_config(config_path)

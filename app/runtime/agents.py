@@ -397,3 +397,12 @@ class AgentRegistry:
     def all(self) -> list[Agent]:
         merged = {**self._file_agents, **_python_agents}
         return sorted(merged.values(), key=lambda agent: agent.id)
+
+    def local_models(self, default_model: str) -> list[tuple[str, dict[str, Any]]]:
+        """Return the embedded models the agents run: (model name, model options) each."""
+        models = []
+        for agent in self.all():
+            provider, _, name = (agent.model or default_model).partition(":")
+            if provider == "local":
+                models.append((name, dict(agent.model_options)))
+        return models
