@@ -27,7 +27,7 @@ EXAMPLE_MESSAGE = '{"message": "What is the current NVDA stock price?"}'
 def _create_app():
     from . import create_app
 
-    return create_app()
+    return create_app({"AGENT_RUNS_LOAD_MODELS_ON_START": False})
 
 
 cli = FlaskGroup(
@@ -216,9 +216,13 @@ def _announce_embedded_model() -> None:
             click.echo(NO_EMBEDDED_MODEL, err=True)
         return
     host = model_host()
+    announced: list[dict] = []
     for name, options in models:
         try:
             spec = model_spec(name, options)
+            if spec in announced:
+                continue
+            announced.append(spec)
             hello = host.start([spec], lease=False)
             info = host.load(spec)
         except ValueError as error:  # ProviderError is one too

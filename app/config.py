@@ -23,6 +23,10 @@ DEFAULTS: dict[str, Any] = {
     # Model used by agents that do not name one. None: the embedded model ("local") when the
     # local extra is installed, else the deterministic "scripted" model.
     "AGENT_RUNS_DEFAULT_MODEL": None,
+    # Have the embedded model's process load the agents' local models when the application
+    # starts, rather than on their first run. The agent-runs command's own app turns it off:
+    # a command is no server (`serve` loads them itself, before its workers start).
+    "AGENT_RUNS_LOAD_MODELS_ON_START": True,
     # Where the API is mounted.
     "AGENT_RUNS_URL_PREFIX": "/api",
     # Seconds of silence after which a stream gets a ": ping" comment.

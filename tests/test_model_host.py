@@ -196,6 +196,8 @@ def test_a_model_process_killed_mid_run_fails_that_run_and_nothing_else(model_se
     assert worker_pids(model_server) == workers
 
     # The next run of the model works: a new host has been started.
-    events = stream(model_server, "storyteller", {"message": "Say hi.", "options": {"maxTokens": 8}})
+    events = stream(
+        model_server, "storyteller", {"message": "Say hi.", "options": {"maxTokens": 8}}
+    )
     assert events[-1]["event"] == "STOP" and "CONTENT_DELTA" in [e["event"] for e in events]
     assert model_host().start(lease=False)["pid"] != host_pid

@@ -43,6 +43,7 @@ import time
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import Any
 
+from . import local_host
 from .base import (
     ContentDelta,
     Delta,
@@ -112,7 +113,10 @@ class ModelHost:
 
     def __init__(self, allow_amx: bool) -> None:
         self.allow_amx = allow_amx
-        identity = f"{sys.prefix}|{os.path.dirname(os.path.abspath(__file__))}|{allow_amx}"
+        # The host's own code is part of its name: a host left running by an older checkout is
+        # not asked to speak a protocol it may not know.
+        code = os.stat(local_host.__file__).st_mtime_ns
+        identity = f"{sys.prefix}|{os.path.abspath(local_host.__file__)}|{code}|{allow_amx}"
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
         folder = os.path.join(tempfile.gettempdir(), f"agent-runs-{os.getuid()}")
         self.path = os.path.join(folder, f"model-{digest}.sock")
@@ -126,11 +130,8 @@ class ModelHost:
         for spec in specs:
             self.specs[spec_key(spec)] = spec
         hello = self._hello() or self._spawn()
-        if lease and self._lease is None:
-            self._lease = threading.Thread(
-                target=self._keep_lease, name="agent-runs-model-lease", daemon=True
-            )
-            self._lease.start()
+        if lease:
+            self._hold_lease()
         return hello
 
     def load(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -139,6 +140,7 @@ class ModelHost:
         answer = self._request({"op": "load", "spec": spec}, LOAD_TIMEOUT)
         if "error" in answer:
             raise ModelHostError(answer["error"])
+        self._hold_lease()
         return dict(answer["info"])
 
     def count_tokens(self, spec: dict[str, Any], text: str) -> int:
@@ -257,6 +259,14 @@ class ModelHost:
                     return hello
                 time.sleep(0.05)
         raise ModelHostError("The embedded model's process did not start.")
+
+    def _hold_lease(self) -> None:
+        """Lease the host from now on (once per process), so it lives as long as we do."""
+        if self._lease is None:
+            self._lease = threading.Thread(
+                target=self._keep_lease, name="agent-runs-model-lease", daemon=True
+            )
+            self._lease.start()
 
     def _keep_lease(self) -> None:
         """Hold a lease on the host for as long as this process lives; restart a dead host."""
