@@ -201,3 +201,31 @@ def test_a_model_process_killed_mid_run_fails_that_run_and_nothing_else(model_se
     )
     assert events[-1]["event"] == "STOP" and "CONTENT_DELTA" in [e["event"] for e in events]
     assert model_host().start(lease=False)["pid"] != host_pid
+
+
+def test_a_response_schema_holds_the_embedded_models_answer_to_it():
+    from agent_runs.providers.base import ContentDelta, ModelRequest
+    from agent_runs.providers.local import LocalProvider
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "population": {"type": "integer"},
+            "coastal": {"type": "boolean"},
+        },
+        "required": ["city", "population", "coastal"],
+    }
+    request = ModelRequest(
+        model="local",
+        messages=[{"role": "user", "content": "Describe Lisbon as JSON."}],
+        max_tokens=96,
+        temperature=0.0,
+        response_schema=schema,
+    )
+    deltas = [d for d in LocalProvider().stream(request) if isinstance(d, ContentDelta)]
+    assert len(deltas) > 1  # streamed, token by token
+    answer = json.loads("".join(d.text for d in deltas))
+    assert set(answer) == {"city", "population", "coastal"}
+    assert isinstance(answer["city"], str)
+    assert isinstance(answer["population"], int) and isinstance(answer["coastal"], bool)

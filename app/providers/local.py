@@ -16,7 +16,8 @@ stops generating after the token being computed.
 Tool calls come from grammar-constrained JSON: when the agent has tools, the model first
 answers a JSON object that the grammar forces to name one of the tools (with arguments that
 match its schema) or ``"none"``, so a call always parses; then, with no tool to call, it
-writes its answer freely and that answer streams token by token. A model this small calls
+writes its answer freely (or, for structured output, under a grammar made from the run's JSON
+Schema) and that answer streams token by token. A model this small calls
 at most one round of tools per user message.
 
 Options (the agent's ``model_options``): ``n_ctx`` (context window, default 4096),
@@ -494,15 +495,19 @@ class LocalProvider:
         request: ModelRequest,
         input_tokens: int,
     ) -> Generator[Delta, None, None]:
-        """Stream the model's free-text answer, one token at a time from the host."""
-        chunks = host.chat(
-            spec,
-            {
-                "messages": messages,
-                "temperature": request.temperature if request.temperature is not None else 0.7,
-                "max_tokens": request.max_tokens or self.default_max_tokens,
-            },
-        )
+        """Stream the model's answer, one token at a time from the host.
+
+        With a response schema (structured output), a grammar made from it holds the answer
+        to JSON that fits it.
+        """
+        args: dict[str, Any] = {
+            "messages": messages,
+            "temperature": request.temperature if request.temperature is not None else 0.7,
+            "max_tokens": request.max_tokens or self.default_max_tokens,
+        }
+        if request.response_schema is not None:
+            args["response_format"] = {"type": "json_object", "schema": request.response_schema}
+        chunks = host.chat(spec, args)
         output_tokens = 0
         finish = "stop"
         try:
