@@ -216,7 +216,7 @@ def _announce_embedded_model() -> None:
             click.echo(NO_EMBEDDED_MODEL, err=True)
         return
     host = model_host()
-    announced: list[dict] = []
+    announced: list[dict | str] = []
     for name, options in models:
         try:
             spec = model_spec(name, options)
@@ -226,11 +226,13 @@ def _announce_embedded_model() -> None:
             hello = host.start([spec], lease=False)
             info = host.load(spec)
         except ValueError as error:  # ProviderError is one too
-            click.echo(
-                f"Error: the embedded model {name or ''} cannot run: {error}\n"
-                "The server starts anyway; runs of the agents on that model fail saying why.",
-                err=True,
-            )
+            if str(error) not in announced:
+                announced.append(str(error))
+                click.echo(
+                    f"Error: the embedded model cannot run: {error}\n"
+                    "The server starts anyway; runs of agents on that model fail saying why.",
+                    err=True,
+                )
             continue
         system = hello.get("system", {})
         buffers = ", ".join(info.get("buffers") or []) or "CPU"

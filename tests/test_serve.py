@@ -108,3 +108,43 @@ def test_gunicorn_workers_freeze_the_application_collect_less_and_poll_sooner(re
         gc.unfreeze()
         gc.set_threshold(*thresholds)
         sys.setswitchinterval(interval)
+
+
+def test_serve_loads_the_embedded_model_before_its_workers_and_says_how(tmp_path):
+    env = {
+        **os.environ,
+        "AGENT_RUNS_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.sqlite3'}",
+        "AGENT_RUNS_ACCESS_LOG": "",
+        "AGENT_RUNS_DEFAULT_MODEL": "local",
+    }
+    process, output, url = serve(tmp_path, env)
+    stop(process)
+    # Every bundled agent runs the same model: it is loaded, and announced, once.
+    [line] = [line for line in output.splitlines() if line.startswith("Embedded model ")]
+    assert "SmolLM2-135M-Instruct" in line and "loaded in" in line and "buffers" in line
+    assert output.index("Embedded model ") < output.index("Booting worker")
+
+
+def test_serve_names_a_model_file_that_is_no_gguf_once_and_serves_anyway(tmp_path):
+    not_a_model = tmp_path / "model.gguf"
+    not_a_model.write_text("hello")
+    env = {
+        **os.environ,
+        "AGENT_RUNS_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.sqlite3'}",
+        "AGENT_RUNS_ACCESS_LOG": "",
+        "AGENT_RUNS_DEFAULT_MODEL": "local",
+        "AGENT_RUNS_LOCAL_MODEL": str(not_a_model),
+    }
+    process, output, url = serve(tmp_path, env)
+    try:
+        assert output.count(f"{not_a_model} is not a GGUF model file") == 1, output
+        [token] = set(re.findall(r"ar_[A-Za-z0-9_-]{20,}", output))
+        headers = {"Authorization": f"Bearer {token}", "Connection": "close"}
+        agents = requests.get(f"{url}/api/agents", headers=headers, timeout=10).json()
+        assert {"assistant", "finance_agent", "clock_agent"} <= {a["id"] for a in agents}
+        run = requests.post(
+            f"{url}/api/agents/assistant/runs", headers=headers, json={"message": "hi"}, timeout=30
+        ).json()
+        assert run["status"] == "FAILED" and run["error"]["type"] == "model_unavailable"
+    finally:
+        stop(process)
