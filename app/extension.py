@@ -147,7 +147,8 @@ def _start_embedded_models(registry: AgentRegistry, default_model: str) -> None:
 
     def start() -> None:
         for name, outcome in start_embedded_models(models):
-            if isinstance(outcome, str):
+            # `agent-runs serve` has named a model that cannot run, once for all workers.
+            if isinstance(outcome, str) and not os.environ.get("AGENT_RUNS_SERVE_ANNOUNCED"):
                 logger.error("the local model %s cannot run: %s", name or "(default)", outcome)
 
     # In the background: a worker serves its other agents while the model loads.

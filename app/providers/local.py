@@ -377,7 +377,8 @@ def start_embedded_models(
         try:
             spec = model_spec(name, options)
         except ValueError as error:
-            results.append((name, str(error)))
+            if (name, str(error)) not in results:
+                results.append((name, str(error)))
             continue
         if spec not in specs:
             specs.append(spec)
