@@ -43,6 +43,13 @@ DEFAULTS: dict[str, Any] = {
     "AGENT_RUNS_MAX_CONTENT_LENGTH": 25 * 1024 * 1024,
     # Seconds a tool may run before it is stopped and reported as failed.
     "AGENT_RUNS_TOOL_TIMEOUT": 30.0,
+    # A tool result longer than this many characters reaches the model cut, with a note.
+    "AGENT_RUNS_TOOL_RESULT_MAX_CHARS": 100_000,
+    # Seconds an MCP server's tool list is kept before it is asked again (sooner if the
+    # server says it changed).
+    "AGENT_RUNS_MCP_TOOLS_TTL": 300.0,
+    # The largest answer read from an MCP server, in bytes; a larger one fails the call.
+    "AGENT_RUNS_MCP_MAX_RESPONSE_BYTES": 8 * 1024 * 1024,
     # A running run's lease: renewed by its worker; once expired, the run is failed as lost.
     "AGENT_RUNS_LEASE_SECONDS": 30.0,
     # How often cancel requests from other workers are picked up, and how often a stream of a

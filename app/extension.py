@@ -21,6 +21,7 @@ from .limits import RateLimiter
 from .runtime.agents import AgentRegistry
 from .runtime.delivery import DeliverySettings, WebhookDeliverer
 from .runtime.executor import Executor, ExecutorSettings
+from .runtime.mcp import McpSettings
 from .runtime.store import sweep_expired_runs
 from .runtime.webhooks import WebhookPolicy
 from .schemas import BatchStatusQuerySchema, RunRequestSchema
@@ -107,6 +108,14 @@ class AgentRuns:
                 shutdown_timeout=settings["AGENT_RUNS_SHUTDOWN_TIMEOUT"],
                 retention_days=settings["AGENT_RUNS_EVENT_RETENTION_DAYS"],
                 idempotency_ttl=settings["AGENT_RUNS_IDEMPOTENCY_TTL"],
+                max_tool_result_chars=settings["AGENT_RUNS_TOOL_RESULT_MAX_CHARS"],
+                mcp=McpSettings(
+                    tools_ttl=settings["AGENT_RUNS_MCP_TOOLS_TTL"],
+                    max_response_bytes=settings["AGENT_RUNS_MCP_MAX_RESPONSE_BYTES"],
+                    # Listing a server's tools, which a run waits for before its first model
+                    # call, may take as long as a tool call, up to ten seconds.
+                    list_timeout=min(10.0, settings["AGENT_RUNS_TOOL_TIMEOUT"]),
+                ),
             ),
             # The outbox's deliverer lives and stops with the worker's other services.
             services=[deliverer.run],

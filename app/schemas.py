@@ -170,6 +170,27 @@ class MediaSchema(StrictSchema):
             raise ValidationError("Must be base64 data or an http(s) URL.") from None
 
 
+# An MCP server's name prefixes its tools' names ("crm" -> "crm__lookup_order"): no "__" and
+# no trailing "_" in it, so the first "__" of a tool's name always ends the server's name.
+MCP_SERVER_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9]*(?:[-_][A-Za-z0-9]+)*$"
+# A header's name is an HTTP token; its value a line of visible text.
+HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$"
+
+
+def _header_value(value: str) -> None:
+    if any(ord(char) < 0x20 and char != "\t" or ord(char) == 0x7F for char in value):
+        raise ValidationError("Must be one line of text: no control characters.")
+
+
+def header_map(**kwargs: Any) -> fields.Dict:
+    """HTTP headers as a mapping of names to one-line values."""
+    return fields.Dict(
+        keys=fields.String(validate=FullMatch(HEADER_NAME_PATTERN, error="Not a header name.")),
+        values=fields.String(validate=[validate.Length(max=8192), _header_value]),
+        **kwargs,
+    )
+
+
 class RunOptionsSchema(StrictSchema):
     model = fields.String(validate=[validate.Length(min=1, max=200), text])
     temperature = fields.Float(validate=validate.Range(min=0, max=2))
@@ -179,6 +200,14 @@ class RunOptionsSchema(StrictSchema):
     # What a dropped /runs/stream connection means: the run goes on (default) or is cancelled.
     on_disconnect = fields.String(
         data_key="onDisconnect", validate=validate.OneOf(["continue", "cancel"])
+    )
+    # Headers for the agent's MCP servers, by server name, sent with this run's calls only,
+    # so that each end user calls the tools as themselves. Never stored.
+    mcp_headers = fields.Dict(
+        data_key="mcpHeaders",
+        keys=fields.String(validate=FullMatch(MCP_SERVER_NAME_PATTERN, error="Not a server name.")),
+        values=header_map(validate=validate.Length(max=64)),
+        validate=validate.Length(max=32),
     )
 
 
@@ -234,6 +263,12 @@ class ContinueRequestSchema(StrictSchema):
     """The body of POST .../runs/{runId}/continue for a PAUSED run."""
 
     action = fields.String(required=True, validate=validate.OneOf(["APPROVE", "REJECT"]))
+    # The run's MCP headers again, which were never stored: for the calls still to come.
+    options = fields.Nested(lambda: ContinueOptionsSchema(), load_default=dict)
+
+
+class ContinueOptionsSchema(StrictSchema):
+    mcp_headers = RunOptionsSchema().fields["mcp_headers"]
 
 
 class EventsQuerySchema(StrictSchema):
@@ -279,11 +314,6 @@ AGENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 # A ${NAME} reference to an environment variable of the server, expanded when a tool is called
 # and never before, so a definition never holds the secret itself.
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]{0,127})\}")
-# An MCP server's name prefixes its tools' names ("crm" -> "crm__lookup_order"): no "__" and
-# no trailing "_" in it, so the first "__" of a tool's name always ends the server's name.
-MCP_SERVER_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9]*(?:[-_][A-Za-z0-9]+)*$"
-# A header's name is an HTTP token; its value a line of visible text.
-HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$"
 # Header, variable and query names that carry credentials.
 _SECRET_NAME = re.compile(
     r"auth|token|key|secret|passw|cookie|credential|session|signature", re.IGNORECASE
@@ -327,20 +357,6 @@ def _no_written_secrets(kind: str, example: str):
             raise ValidationError(written)
 
     return check
-
-
-def _header_value(value: str) -> None:
-    if any(ord(char) < 0x20 and char != "\t" or ord(char) == 0x7F for char in value):
-        raise ValidationError("Must be one line of text: no control characters.")
-
-
-def header_map(**kwargs: Any) -> fields.Dict:
-    """HTTP headers as a mapping of names to one-line values."""
-    return fields.Dict(
-        keys=fields.String(validate=FullMatch(HEADER_NAME_PATTERN, error="Not a header name.")),
-        values=fields.String(validate=[validate.Length(max=8192), _header_value]),
-        **kwargs,
-    )
 
 
 def _url_without_secrets(value: str) -> None:

@@ -195,9 +195,15 @@ def continue_paused(agent_id: str, run_id: str) -> Any:
     """Approve or reject a PAUSED run's tool call; answer when the run next stops."""
     state = _state()
     agent = get_agent(state.registry, agent_id)
-    action = ContinueRequestSchema().load(_json_body())["action"]
+    body = ContinueRequestSchema().load(_json_body())
     active = continue_run(
-        state.executor, agent, g.principal, run_id, action, default_model=state.default_model
+        state.executor,
+        agent,
+        g.principal,
+        run_id,
+        body["action"],
+        default_model=state.default_model,
+        mcp_headers=body["options"].get("mcp_headers"),
     )
     return _run_response(agent_id, active.job.run_id)
 

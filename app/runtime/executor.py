@@ -33,6 +33,7 @@ from .agents import Agent
 from .events import PING_FRAME, Event, EventLog, EventType, RunChannel, json_data
 from .idempotency import prune_keys
 from .loop import AgentLoop, RunCancelled, RunPaused, Usage
+from .mcp import McpClients, McpSettings, McpToolbox
 from .outbox import RunNotice
 from .store import (
     RunEnding,
@@ -82,6 +83,9 @@ class RunJob:
     pending_calls: list[dict[str, Any]] | None = None
     decision: str | None = None
     prior: dict[str, Any] | None = None
+    # Headers for the agent's MCP servers that the run's caller sent, by server name: held
+    # here only, never written to the run's record or its events.
+    mcp_headers: dict[str, dict[str, str]] | None = None
 
 
 @dataclass
@@ -118,6 +122,9 @@ class ExecutorSettings:
     retention_days: float = 7.0
     # Seconds an Idempotency-Key names the run it started.
     idempotency_ttl: float = 86_400.0
+    # A tool result longer than this many characters is cut, with a note.
+    max_tool_result_chars: int = 100_000
+    mcp: McpSettings = field(default_factory=McpSettings)
 
 
 class Executor:
@@ -143,6 +150,7 @@ class Executor:
         self._services: list[gevent.Greenlet] = []
         self._checkpointer: WalCheckpointer | None = None
         self._stopping = False
+        self.mcp = McpClients(settings.mcp)
 
     # Starting runs ----------------------------------------------------------------------
 
@@ -266,6 +274,10 @@ class Executor:
             max_tokens=job.max_tokens,
             tool_timeout=self.settings.tool_timeout,
             generate_followups=job.generate_followups,
+            mcp=McpToolbox(self.mcp, job.agent.mcp_servers, job.mcp_headers)
+            if job.agent.mcp_servers
+            else None,
+            max_result_chars=self.settings.max_tool_result_chars,
         )
         _restore(loop, job.prior)
         try:
@@ -457,6 +469,7 @@ class Executor:
             if self._checkpointer is not None:
                 self._checkpointer.stop()
                 self._checkpointer = None
+            self.mcp.close()
             self._stopping = False
 
 

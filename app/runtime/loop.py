@@ -28,8 +28,9 @@ from ..providers.base import (
     ToolSpec,
     UsageDelta,
 )
-from .agents import Agent
+from .agents import Agent, Tool
 from .events import EventType, json_data
+from .mcp import McpTool, McpToolbox
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,10 @@ class AgentLoop:
     max_tokens: int | None = None
     tool_timeout: float = 30.0
     generate_followups: bool = False
+    # The run's MCP tools, when its agent lists MCP servers.
+    mcp: McpToolbox | None = None
+    # A tool result longer than this (as the model reads it) is cut, with a note saying so.
+    max_result_chars: int = 100_000
 
     content: list[str] = field(default_factory=list)
     reasoning_steps: list[str] = field(default_factory=list)
@@ -148,6 +153,9 @@ class AgentLoop:
             (system if self.agent.instructions else []) + history, self.agent.context_tokens
         )
         tools = [self._spec(t) for t in self.agent.tools]
+        if self.mcp is not None:
+            taken = {t.name for t in self.agent.tools}
+            tools += [self._spec(t) for t in self.mcp.list(taken)]
         if pending_calls:
             self._call_tools(pending_calls, decision)
         for step in range(self.agent.max_steps):
@@ -172,7 +180,13 @@ class AgentLoop:
         if self.generate_followups:
             self._suggest_followups(conversation)
 
-    def _spec(self, tool: Any) -> ToolSpec:
+    def _tool(self, name: str) -> Tool | McpTool | None:
+        tool = self.agent.tool(name)
+        if tool is None and self.mcp is not None:
+            return self.mcp.tools.get(name)
+        return tool
+
+    def _spec(self, tool: Tool | McpTool) -> ToolSpec:
         """Describe a tool to the model, with the optional "thought" argument if asked for."""
         spec = tool.spec
         if not self.agent.explain_tool_calls:
@@ -205,7 +219,7 @@ class AgentLoop:
         """
         for index, call in enumerate(calls):
             self._check_cancelled()
-            tool = self.agent.tool(call["name"])
+            tool = self._tool(call["name"])
             decided = index == 0 and decision is not None
             if tool is not None and tool.requires_approval and not decided:
                 raise RunPaused(calls[index:])
@@ -273,18 +287,22 @@ class AgentLoop:
         started = time.monotonic()
         result: Any = None
         error: str | None = None
-        tool = self.agent.tool(name)
+        tool = self._tool(name)
         if rejected:
             error = REJECTED_RESULT
         elif tool is None:
-            error = f"Unknown tool {name!r}."
+            error = (self.mcp and self.mcp.unavailable_reason(name)) or f"Unknown tool {name!r}."
         elif not isinstance(arguments, dict):
             error = f"The arguments are not a JSON object: {str(arguments)[:200]}"
         else:
             timeout = tool.timeout or self.tool_timeout
             try:
                 with gevent.Timeout(timeout):
-                    result = tool.function(**arguments)
+                    if isinstance(tool, McpTool):
+                        assert self.mcp is not None
+                        result, error = self.mcp.call(tool, arguments, timeout)
+                    else:
+                        result = tool.function(**arguments)
             except gevent.Timeout:
                 error = f"The tool did not finish within {timeout:g} seconds."
             except Exception as exc:  # a tool's failure is a result the model can react to
@@ -292,6 +310,9 @@ class AgentLoop:
         duration_ms = int((time.monotonic() - started) * 1000)
         if result is not None and not isinstance(result, (str, int, float, bool, list, dict)):
             result = str(result)
+        result = cut(result, self.max_result_chars)
+        if error is not None:
+            error = cut(error, self.max_result_chars)
         end: dict[str, Any] = {"id": call["id"], "name": name, "result": result}
         if error is not None:
             end["error"] = error
@@ -346,6 +367,25 @@ class AgentLoop:
             for line in "".join(text).splitlines()
         )
         self.followups = [line for line in lines if line][:3]
+
+
+def cut(result: Any, limit: int) -> Any:
+    """Cut a tool result the model would read as more than ``limit`` characters, saying so.
+
+    A JSON value that long becomes the start of its text.
+    """
+    if isinstance(result, str):
+        text = result
+    elif isinstance(result, (list, dict)):
+        text = json_data(result)
+    else:
+        return result
+    if len(text) <= limit:
+        return result
+    return (
+        f"{text[:limit]}\n[The result was cut: it had {len(text)} characters, of which only "
+        f"the first {limit} are shown.]"
+    )
 
 
 def _parse_arguments(raw: str) -> Any:

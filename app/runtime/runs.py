@@ -229,6 +229,21 @@ def _provider_for(agent: Agent, requested: str | None, default_model: str):
     return model, provider, model_name
 
 
+def _mcp_headers(agent: Agent, options: dict[str, Any]) -> dict[str, dict[str, str]] | None:
+    """Return a run's headers for its agent's MCP servers; refuse those for other servers."""
+    headers = options.get("mcp_headers") or {}
+    servers = {server.name: server for server in agent.mcp_servers}
+    for name in headers:
+        where = f"options.mcpHeaders.{name}"
+        if name not in servers:
+            raise RunRequestRejected(where, f"Agent {agent.id!r} has no MCP server {name!r}.")
+        if servers[name].url is None:
+            raise RunRequestRejected(
+                where, f"MCP server {name!r} is a local command: it takes no headers."
+            )
+    return headers or None
+
+
 def start_run(
     executor: Executor,
     agent: Agent,
@@ -254,6 +269,7 @@ def start_run(
     user_id = _acting_user(principal, body)
     options = body.get("options") or {}
     model, provider, model_name = _provider_for(agent, options.get("model"), default_model)
+    mcp_headers = _mcp_headers(agent, options)
     if body.get("media") and not getattr(provider, "accepts_images", False):
         raise RunRequestRejected(
             "media", f"Model {model!r} takes text only; send the message without media."
@@ -286,7 +302,10 @@ def start_run(
             request={
                 "generateFollowups": body.get("generate_followups", False),
                 "media": body.get("media") or [],
-                "options": {k: v for k, v in options.items() if v is not None},
+                # Not the MCP headers: they are the caller's credentials.
+                "options": {
+                    k: v for k, v in options.items() if v is not None and k != "mcp_headers"
+                },
             },
             content="",
             cancel_requested=False,
@@ -314,6 +333,7 @@ def start_run(
         temperature=options.get("temperature"),
         max_tokens=options.get("max_tokens"),
         generate_followups=body.get("generate_followups", False),
+        mcp_headers=mcp_headers,
         # A new session's whole conversation is this message: no need to read it back.
         history=[{"role": "user", "content": body["message"]}] if new_session else None,
     )
@@ -338,9 +358,14 @@ def continue_run(
     action: str,
     *,
     default_model: str,
+    mcp_headers: dict[str, dict[str, str]] | None = None,
 ) -> ActiveRun:
-    """Resume a PAUSED run with a human's APPROVE or REJECT of its pending tool call."""
+    """Resume a PAUSED run with a human's APPROVE or REJECT of its pending tool call.
+
+    ``mcp_headers`` are the run's headers for its MCP servers, sent again by the caller.
+    """
     run = get_run(principal, agent.id, run_id)
+    headers = _mcp_headers(agent, {"mcp_headers": mcp_headers})
     options = (run.request or {}).get("options") or {}
     model, provider, model_name = _provider_for(agent, options.get("model"), default_model)
     with database.atomic():
@@ -370,6 +395,7 @@ def continue_run(
         max_tokens=options.get("max_tokens"),
         generate_followups=(run.request or {}).get("generateFollowups", False),
         first_seq=last_seq + 1,
+        mcp_headers=headers,
         pending_calls=run.pending_calls,
         decision=action,
         prior={
