@@ -77,6 +77,9 @@ def test_agents_file_in_json(tmp_path, database_url):
         ("agents:\n  - id: 'bad id'", "id: Must be 1-128 letters"),
         ("agents:\n  - id: a\n    max_steps: 0", "max_steps: Must be greater than or equal to 1"),
         ("agents:\n  - id: a\n    tools: [{use: x, colour: red}]", "tools.0.colour: Unknown"),
+        ("agents:\n  - id: a\n    tools: [no_such_tool]", "tools.0: unknown tool"),
+        ("agents:\n  - id: a\n    model: 'nope:x'", "model: unknown model provider 'nope'"),
+        ("agents:\n  - id: a\n    allowed_models: ['*', 'nope']", "allowed_models.1: unknown"),
         ("agents: [", "not valid YAML"),
     ],
 )

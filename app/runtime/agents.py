@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 from marshmallow import ValidationError
 
-from ..providers.base import ToolSpec
+from ..providers.base import PROVIDERS, ToolSpec
 from ..schemas import AGENT_ID_PATTERN as _AGENT_ID
 from ..schemas import AgentDefinitionSchema, McpServerSchema, field_messages
 
@@ -48,7 +48,15 @@ _JSON_TYPES = {
 
 
 class AgentDefinitionError(ValueError):
-    """An agent or tool definition that cannot be used."""
+    """An agent or tool definition that cannot be used.
+
+    ``errors`` says what is wrong with each field, as marshmallow does: ``{"tools": {0:
+    ["unknown tool 'x' ..."]}}``; empty when the error is about no field in particular.
+    """
+
+    def __init__(self, message: str, errors: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or {}
 
 
 @dataclass(frozen=True)
@@ -296,66 +304,105 @@ def unregister_agent(id: str) -> None:
     _python_agents.pop(id, None)
 
 
-def _resolve_tool(entry: Any, where: str) -> Tool:
-    """Turn a file's tool entry into a Tool.
-
-    An entry is a registered name or a ``module:function`` path, or a mapping of one
-    (``use``) with settings: ``{use: "mod:fn", requires_approval: true, timeout: 5}``.
-    """
-    if isinstance(entry, dict):
-        settings = dict(entry)
-        unknown = set(settings) - {"use", "requires_approval", "timeout"}
-        if "use" not in settings or unknown:
-            raise AgentDefinitionError(
-                f"{where}: a tool mapping has 'use' and optionally 'requires_approval', "
-                f"'timeout' (got {sorted(settings)})"
-            )
-        resolved = _resolve_tool(settings.pop("use"), where)
-        return dataclasses.replace(resolved, **settings)
-    reference = entry
-    if not isinstance(reference, str):
-        raise AgentDefinitionError(f"{where}: a tool is a name or a 'module:function' path")
-    if reference in _python_tools:
-        return _python_tools[reference]
+def _import_tool(reference: str) -> Tool:
+    """Import a ``module:function`` tool; raise ValueError saying why it cannot be."""
     module_name, _, attribute = reference.partition(":")
     if not attribute:
-        raise AgentDefinitionError(
-            f"{where}: unknown tool {reference!r} (not registered, not a 'module:function' path)"
+        raise ValueError(
+            f"unknown tool {reference!r} (not registered, not a 'module:function' path)"
         )
     try:
         target = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise AgentDefinitionError(f"{where}: cannot import tool {reference!r}: {error}") from None
+        raise ValueError(f"cannot import tool {reference!r}: {error}") from None
     return target if isinstance(target, Tool) else tool(target)
 
 
-def _agent_from_mapping(entry: Any, where: str) -> Agent:
-    if not isinstance(entry, dict) or "id" not in entry:
-        raise AgentDefinitionError(f"{where}: each agent is a mapping with an 'id'")
-    where = f"{where} ({entry['id']})"
+def _resolve_tool(entry: str | dict[str, Any], known: Mapping[str, Tool], imports: bool) -> Tool:
+    """Turn a loaded tool entry (a name, or ``{use, requires_approval?, timeout?}``) into a Tool.
+
+    A name is looked up in ``known``; with ``imports`` (the agents file, which the operator
+    writes) it may also be a ``module:function`` path. Raises ValueError saying what is wrong.
+    """
+    settings = {"use": entry} if isinstance(entry, str) else dict(entry)
+    reference = settings.pop("use")
+    if reference in known:
+        resolved = known[reference]
+    elif imports:
+        resolved = _import_tool(reference)
+    else:
+        names = ", ".join(sorted(known)) or "none"
+        raise ValueError(
+            f"unknown tool {reference!r}: not a tool registered on this server "
+            f"(registered: {names})"
+        )
+    return dataclasses.replace(resolved, **settings) if settings else resolved
+
+
+def _model_problem(model: str) -> str | None:
+    """Say what is wrong with a model string whose provider this server lacks, else None."""
+    provider = model.partition(":")[0]
+    if provider in PROVIDERS:
+        return None
+    return f"unknown model provider {provider!r} (known: {', '.join(sorted(PROVIDERS))})"
+
+
+def _definition_error(errors: dict[str, Any], where: str = "") -> AgentDefinitionError:
+    reasons = "; ".join(f"{path}: {text}" for path, text in field_messages(errors))
+    return AgentDefinitionError(f"{where}: {reasons}" if where else reasons, errors)
+
+
+def build_agent(
+    definition: Any, known_tools: Mapping[str, Tool], *, imports: bool = False, where: str = ""
+) -> Agent:
+    """Validate an agent definition (:class:`AgentDefinitionSchema`) and build its agent.
+
+    The one way a definition becomes an agent, from the agents file or from the API. Tools
+    are names in ``known_tools`` or, with ``imports``, ``module:function`` paths; models must
+    name a provider this server has. Raises :class:`AgentDefinitionError`, whose ``errors``
+    name each field that is wrong (and whose message starts with ``where``).
+    """
+    if not isinstance(definition, dict):
+        raise _definition_error({"_schema": ["An agent definition is a mapping."]}, where)
     try:
-        data = AgentDefinitionSchema().load(entry)
+        data = AgentDefinitionSchema().load(definition)
     except ValidationError as error:
-        raise AgentDefinitionError(_reasons(where, error)) from None
-    return agent_from_definition(data, where)
-
-
-def agent_from_definition(data: Mapping[str, Any], where: str) -> Agent:
-    """Make an Agent of a definition loaded by AgentDefinitionSchema; resolve its tools."""
-    return Agent(
-        id=data["id"],
-        name=data.get("name") or data["id"],
-        description=data.get("description") or "",
-        instructions=data.get("instructions") or "",
-        model=data.get("model"),
-        allowed_models=tuple(data.get("allowed_models") or ()),
-        tools=tuple(_resolve_tool(t, where) for t in data.get("tools") or ()),
-        max_steps=data.get("max_steps", 8),
-        model_options=dict(data.get("model_options") or {}),
-        explain_tool_calls=data.get("explain_tool_calls", False),
-        context_tokens=data.get("context_tokens", 32_000),
-        mcp_servers=tuple(_mcp_server(server) for server in data.get("mcp_servers") or ()),
-    )
+        messages = error.messages
+        raise _definition_error(
+            messages if isinstance(messages, dict) else {"_schema": messages}, where
+        ) from None
+    errors: dict[str, Any] = {}
+    tools = []
+    for index, entry in enumerate(data.get("tools") or ()):
+        try:
+            tools.append(_resolve_tool(entry, known_tools, imports))
+        except ValueError as error:
+            errors.setdefault("tools", {})[index] = [str(error)]
+    model = data.get("model")
+    if model is not None and (problem := _model_problem(model)):
+        errors["model"] = [problem]
+    for index, allowed in enumerate(data.get("allowed_models") or ()):
+        if allowed != "*" and (problem := _model_problem(allowed)):
+            errors.setdefault("allowed_models", {})[index] = [problem]
+    if errors:
+        raise _definition_error(errors, where)
+    try:
+        return Agent(
+            id=data["id"],
+            name=data.get("name") or data["id"],
+            description=data.get("description") or "",
+            instructions=data.get("instructions") or "",
+            model=model,
+            allowed_models=tuple(data.get("allowed_models") or ()),
+            tools=tuple(tools),
+            max_steps=data.get("max_steps", 8),
+            model_options=dict(data.get("model_options") or {}),
+            explain_tool_calls=data.get("explain_tool_calls", False),
+            context_tokens=data.get("context_tokens", 32_000),
+            mcp_servers=tuple(_mcp_server(server) for server in data.get("mcp_servers") or ()),
+        )
+    except AgentDefinitionError as error:  # what only the whole agent shows: names that clash
+        raise _definition_error({"tools": [str(error)]}, where) from None
 
 
 def load_agents_file(path: str) -> dict[str, Agent]:
@@ -371,7 +418,10 @@ def load_agents_file(path: str) -> dict[str, Agent]:
         raise AgentDefinitionError(f"{path}: expected a top-level 'agents' list")
     agents: dict[str, Agent] = {}
     for index, entry in enumerate(entries):
-        agent = _agent_from_mapping(entry, f"{path}: agents[{index}]")
+        where = f"{path}: agents[{index}]"
+        if not isinstance(entry, dict) or "id" not in entry:
+            raise AgentDefinitionError(f"{where}: each agent is a mapping with an 'id'")
+        agent = build_agent(entry, _python_tools, imports=True, where=f"{where} ({entry['id']})")
         if agent.id in agents:
             raise AgentDefinitionError(f"{path}: agent id {agent.id!r} appears twice")
         agents[agent.id] = agent
