@@ -110,9 +110,14 @@ class Run(BaseModel):
     session = peewee.ForeignKeyField(Session, backref="runs", on_delete="CASCADE", index=False)
     status = peewee.CharField(max_length=16, default=RunStatus.RUNNING)
     model = peewee.CharField(max_length=200, default="")
+    # The version of an organisation's own agent this run ran; None for the agents file's and
+    # Python's agents, which have no versions.
+    agent_version = peewee.IntegerField(null=True)
     input = peewee.TextField(default="")
     request = JSONField(null=True)
     content = peewee.TextField(default="")
+    # The answer parsed, for a run asked for structured output (options.responseFormat).
+    output = JSONField(null=True)
     reasoning_steps = JSONField(null=True)
     tool_calls = JSONField(null=True)
     followups = JSONField(null=True)
@@ -134,7 +139,11 @@ class Run(BaseModel):
             (("org_id", "agent_id", "created_at"), False),
             (("status", "lease_expires_at"), False),
             (("session", "created_at"), False),
-            (("org_id", "status"), False),
+            # GET /runs, newest first: the organisation's, a user's, or those in a status
+            # (which also counts an organisation's active runs).
+            (("org_id", "created_at"), False),
+            (("org_id", "user_id", "created_at"), False),
+            (("org_id", "status", "created_at"), False),
             (("cancel_requested",), False),
         )
 
@@ -253,4 +262,35 @@ class WebhookDelivery(BaseModel):
         )
 
 
-MODELS = (ApiToken, Session, Run, RunEvent, Message, IdempotencyKey, Webhook, WebhookDelivery)
+class AgentDefinition(BaseModel):
+    """One version of an organisation's own agent, as stored through the API.
+
+    Every change adds a version; old ones stay, so a run can be read and continued as the
+    version it ran. ``definition`` is the agents file's form of the agent (see
+    schemas.AgentDefinitionSchema); None marks a deletion.
+    """
+
+    id = peewee.AutoField()
+    org_id = peewee.CharField(max_length=128)
+    agent_id = peewee.CharField(max_length=128)
+    version = peewee.IntegerField()
+    definition = JSONField(null=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+    # The user whose token made the change ("" for an organisation-wide token).
+    created_by = peewee.CharField(max_length=128, default="")
+
+    class Meta:
+        indexes = ((("org_id", "agent_id", "version"), True),)
+
+
+MODELS = (
+    ApiToken,
+    Session,
+    Run,
+    RunEvent,
+    Message,
+    IdempotencyKey,
+    Webhook,
+    WebhookDelivery,
+    AgentDefinition,
+)

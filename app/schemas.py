@@ -526,6 +526,15 @@ class RunErrorSchema(Schema):
 
 class RunMetadataSchema(Schema):
     model = fields.String()
+    # Only for a run of an organisation's own agent: the version it ran.
+    agent_version = fields.Integer(data_key="agentVersion")
+
+
+def _run_metadata(run: Any) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"model": run.model}
+    if run.agent_version is not None:
+        metadata["agent_version"] = run.agent_version
+    return metadata
 
 
 def _run_error(run: Any) -> dict | None:
@@ -548,7 +557,11 @@ class AgentRunSchema(Schema):
     org_id = fields.String(data_key="orgId")
     status = _run_status()
     model = fields.String()
+    # The version of an organisation's own agent the run ran; null for the file's agents.
+    agent_version = fields.Integer(data_key="agentVersion", allow_none=True)
     content = fields.String()
+    # The answer parsed, for a run asked for structured output; else null.
+    output = fields.Raw(allow_none=True)
     usage = fields.Nested(UsageSchema, allow_none=True)
     error = fields.Nested(RunErrorSchema, allow_none=True)
     required_action = fields.Dict(data_key="requiredAction", allow_none=True)
@@ -579,7 +592,9 @@ def run_status_views(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "orgId": row["org_id"],
             "status": row["status"],
             "model": row["model"],
+            "agentVersion": row["agent_version"],
             "content": row["content"],
+            "output": row["output"],
             "usage": None
             if (usage := row["usage"]) is None
             else {key: usage[attr] for attr, key in _USAGE_KEYS if attr in usage},
@@ -616,6 +631,8 @@ class RunResponseSchema(Schema):
     session_id = DerivedString(compute=lambda run: run.session.uid, data_key="sessionId")
     status = _run_status()
     content = fields.String()
+    # The answer parsed, for a run asked for structured output (options.responseFormat).
+    output = fields.Raw(allow_none=True)
     reasoning_steps = DerivedList(
         fields.String(), compute=lambda run: run.reasoning_steps or [], data_key="reasoningSteps"
     )
@@ -623,7 +640,7 @@ class RunResponseSchema(Schema):
     followups = DerivedList(fields.String(), compute=lambda run: run.followups or [])
     usage = fields.Nested(UsageSchema, allow_none=True)
     error = DerivedNested(RunErrorSchema, compute=_run_error, allow_none=True)
-    metadata = DerivedNested(RunMetadataSchema, compute=lambda run: {"model": run.model})
+    metadata = DerivedNested(RunMetadataSchema, compute=_run_metadata)
     # What a PAUSED run waits for: the tool call to APPROVE or REJECT.
     required_action = fields.Dict(data_key="requiredAction", allow_none=True)
 
@@ -702,6 +719,53 @@ class SessionRunsQuerySchema(SessionQuerySchema):
 
     limit = fields.Integer(validate=validate.Range(min=1, max=100), load_default=20)
     cursor = CursorField(key_type=str)
+
+
+class RunListQuerySchema(StrictSchema):
+    """The query of GET /runs: filters, and a page of at most ``limit`` runs, newest first."""
+
+    agent_id = fields.String(data_key="agentId", validate=validate.Length(min=1, max=128))
+    # One status, or several separated by commas.
+    status = fields.String(
+        metadata={
+            "description": "A run status, or several separated by commas: "
+            + ", ".join(RunStatus.ALL)
+            + "."
+        }
+    )
+    session_id = _identifier(data_key="sessionId")
+    since = fields.AwareDateTime(
+        default_timezone=datetime.timezone.utc,
+        metadata={
+            "description": "Only runs created at or after this time (ISO 8601; UTC "
+            "unless it has an offset)."
+        },
+    )
+    limit = fields.Integer(validate=validate.Range(min=1, max=100), load_default=20)
+    cursor = CursorField(key_type=str)
+
+    @validates("status")
+    def _known_statuses(self, value: str, **kwargs: Any) -> None:
+        unknown = [part for part in value.split(",") if part.strip() not in RunStatus.ALL]
+        if unknown:
+            raise ValidationError(
+                f"Unknown status {unknown[0].strip()!r}; one of {', '.join(RunStatus.ALL)}."
+            )
+
+    @post_load
+    def _normalise(self, data: dict, **kwargs: Any) -> dict:
+        if "status" in data:
+            data["status"] = list(dict.fromkeys(p.strip() for p in data["status"].split(",")))
+        if "since" in data:
+            data["since"] = data["since"].astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        return data
+
+
+class RunPageSchema(Schema):
+    """A page of runs, newest first; ``nextCursor`` is null on the last page."""
+
+    items = fields.List(fields.Nested(AgentRunSchema))
+    next_cursor = CursorField(key_type=str, data_key="nextCursor", allow_none=True)
 
 
 class SessionSchema(Schema):

@@ -15,6 +15,7 @@ def test_start_applies_the_migrations_once(database_url):
             "0001_initial",
             "0002_fewer_indexes",
             "0004_webhooks_and_idempotency",
+            "0005_agents_and_run_listing",
         ]
         assert all(m.applied for m in status)
         tables = set(database.get_tables())
@@ -51,12 +52,20 @@ def test_migrations_go_down_and_up_again(database_url):
     runner = Runner(database.obj, directory=migrations_directory())
     with database.connection_context():
         runner.down()
+        assert "agent_definition" not in database.get_tables()
+        assert "agent_version" not in {c.name for c in database.get_columns("run")}
+        runner.down()
         assert "webhook_delivery" not in database.get_tables()
         runner.down()
         assert "run_event_run_id" in {i.name for i in database.get_indexes("run_event")}
-        assert runner.up() == ["0002_fewer_indexes", "0004_webhooks_and_idempotency"]
+        assert runner.up() == [
+            "0002_fewer_indexes",
+            "0004_webhooks_and_idempotency",
+            "0005_agents_and_run_listing",
+        ]
         assert "run_event_run_id" not in {i.name for i in database.get_indexes("run_event")}
         assert "webhook_delivery" in database.get_tables()
+        assert "agent_definition" in database.get_tables()
 
 
 def test_sqlite_runs_in_wal_mode(database_url):

@@ -24,7 +24,9 @@ rows = st.fixed_dictionaries(
         "org_id": text,
         "status": st.sampled_from(RunStatus.ALL),
         "model": text,
+        "agent_version": st.none() | st.integers(1, 2**31),
         "content": text,
+        "output": st.none() | st.dictionaries(text, text | st.integers()) | st.lists(text),
         "usage": st.none() | st.dictionaries(usage_keys, st.integers(0, 2**40)),
         "error": st.none() | st.fixed_dictionaries({"type": text, "message": text}),
         "required_action": st.none()

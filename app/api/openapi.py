@@ -28,6 +28,8 @@ from ..schemas import (
     NewWebhookSchema,
     ProblemSchema,
     QueuedRunSchema,
+    RunListQuerySchema,
+    RunPageSchema,
     RunRequestSchema,
     RunResponseSchema,
     SessionDetailSchema,
@@ -418,6 +420,26 @@ def build_document(app: Flask) -> dict[str, Any]:
                 errors=(404,),
                 responses={204: {"description": "The webhook is gone."}},
             ),
+        },
+        "/runs": {
+            "get": _operation(
+                operation_id="list_runs",
+                summary="List the caller's runs of every agent, newest first.",
+                tag="runs",
+                parameters=[{"in": "query", "schema": RunListQuerySchema}],
+                errors=(422,),
+                responses={
+                    200: {
+                        **_json_response("A page of runs.", RunPageSchema),
+                        "links": {
+                            "NextPage": {
+                                "operationId": "list_runs",
+                                "parameters": {"cursor": "$response.body#/nextCursor"},
+                            },
+                        },
+                    }
+                },
+            )
         },
         "/sessions": {
             "get": _operation(

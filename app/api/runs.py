@@ -19,6 +19,7 @@ from ..runtime.runs import (
     get_run,
     get_status,
     get_statuses,
+    list_runs,
     start_run,
 )
 from ..schemas import (
@@ -26,6 +27,8 @@ from ..schemas import (
     ContinueRequestSchema,
     EventsQuerySchema,
     QueuedRunSchema,
+    RunListQuerySchema,
+    RunPageSchema,
     RunResponseSchema,
     run_status_views,
 )
@@ -220,3 +223,19 @@ def batch_status(agent_id: str) -> Any:
 def run_status(agent_id: str, run_id: str) -> Any:
     get_agent(_state().registry, agent_id)
     return run_status_views([get_status(g.principal, agent_id, run_id)])[0]
+
+
+@bp.get("/runs")
+def runs() -> Any:
+    """List the caller's runs of every agent, newest first, a page at a time."""
+    query = RunListQuerySchema().load(request.args.to_dict())
+    page = list_runs(
+        g.principal,
+        agent_id=query.get("agent_id"),
+        statuses=query.get("status") or (),
+        session_id=query.get("session_id"),
+        since=query.get("since"),
+        limit=query["limit"],
+        after=query.get("cursor"),
+    )
+    return RunPageSchema().dump(page)

@@ -6,10 +6,12 @@ caller's organisation (and user, when the caller's token is bound to one).
 
 from __future__ import annotations
 
+import datetime
 import functools
 import secrets
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -476,7 +478,9 @@ STATUS_COLUMNS = (
     Run.org_id,
     Run.status,
     Run.model,
+    Run.agent_version,
     Run.content,
+    Run.output,
     Run.usage,
     Run.error_type,
     Run.error,
@@ -548,3 +552,65 @@ def _statuses_statement(size: int, user_bound: bool) -> Statement:
         # Status only prints its times: utc_timestamp reads SQLite's text form directly.
         as_stored=["created_at", "started_at", "completed_at"],
     )
+
+
+# Where a page starts: the sort key (timestamp, id) of the last item of the previous page.
+Position = tuple[datetime.datetime, Any]
+
+
+@dataclass(frozen=True)
+class Page:
+    """Items in order, and the position the next page starts after (None on the last page)."""
+
+    items: list[Any]
+    next_cursor: Position | None
+
+
+def page_of(rows: list[Any], limit: int, key: Callable[[Any], Position]) -> Page:
+    """Cut ``rows`` (fetched with one extra to learn whether more follow) to a page."""
+    if len(rows) <= limit:
+        return Page(items=rows, next_cursor=None)
+    items = rows[:limit]
+    return Page(items=items, next_cursor=key(items[-1]))
+
+
+def list_runs(
+    principal: Principal,
+    *,
+    agent_id: str | None = None,
+    statuses: Sequence[str] = (),
+    session_id: str | None = None,
+    since: datetime.datetime | None = None,
+    limit: int = 20,
+    after: Position | None = None,
+) -> Page:
+    """Return a page of the caller's runs, newest first, in one query.
+
+    Pages are keyset pages on (created_at, id), read along the run table's indexes that lead
+    with the organisation (see models.Run): a page deep in a million runs costs what the first
+    does. ``session_id`` is a session's public id; ``since`` keeps runs created at or after it.
+    """
+    query = statuses_of(principal)
+    if agent_id is not None:
+        query = query.where(Run.agent_id == agent_id)
+    if statuses:
+        query = query.where(Run.status.in_(list(statuses)))
+    if session_id is not None:
+        # The caller's sessions of that id (several users may each have one): their runs are
+        # found through run(session_id, created_at).
+        sessions = Session.select(Session.id).where(
+            (Session.org_id == principal.org_id) & (Session.uid == session_id)
+        )
+        if principal.user_id is not None:
+            sessions = sessions.where(Session.user_id == principal.user_id)
+        query = query.where(Run.session.in_(sessions))
+    if since is not None:
+        query = query.where(Run.created_at >= since)
+    if after is not None:
+        created_at, run_id = after
+        # The first term bounds the index range; the second breaks ties in created_at.
+        query = query.where(
+            (Run.created_at <= created_at) & ((Run.created_at < created_at) | (Run.id < run_id))
+        )
+    rows = status_rows(query.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit + 1))
+    return page_of(rows, limit, lambda run: (run["created_at"], run["id"]))

@@ -8,33 +8,21 @@ session it means.
 
 from __future__ import annotations
 
-import datetime
-from dataclasses import dataclass
-from typing import Any
-
 import peewee
 
 from ..db import database
 from ..models import Message, Run, RunEvent, Session
 from .runs import (
     NotFound,
+    Page,
+    Position,
     Principal,
     RunRequestRejected,
     SessionBusy,
+    page_of,
     status_rows,
     statuses_of,
 )
-
-# Where a page starts: the sort key (timestamp, id) of the last item of the previous page.
-Position = tuple[datetime.datetime, Any]
-
-
-@dataclass(frozen=True)
-class Page:
-    """Items in order, and the position the next page starts after (None on the last page)."""
-
-    items: list[Any]
-    next_cursor: Position | None
 
 
 def sessions_of(principal: Principal, user_id: str | None = None) -> peewee.ModelSelect[Session]:
@@ -45,14 +33,6 @@ def sessions_of(principal: Principal, user_id: str | None = None) -> peewee.Mode
     if user_id is not None:
         query = query.where(Session.user_id == user_id)
     return query
-
-
-def _page(rows: list[Any], limit: int, key: Any) -> Page:
-    """Cut ``rows`` (fetched with one extra to learn whether more follow) to a page."""
-    if len(rows) <= limit:
-        return Page(items=rows, next_cursor=None)
-    items = rows[:limit]
-    return Page(items=items, next_cursor=key(items[-1]))
 
 
 def list_sessions(
@@ -74,7 +54,7 @@ def list_sessions(
             | ((Session.updated_at == updated_at) & (Session.id < pk))
         )
     rows = list(query.order_by(Session.updated_at.desc(), Session.id.desc()).limit(limit + 1))
-    return _page(rows, limit, lambda session: (session.updated_at, session.id))
+    return page_of(rows, limit, lambda session: (session.updated_at, session.id))
 
 
 def _one(matches: list[Session], uid: str) -> Session:
@@ -120,7 +100,7 @@ def list_session_runs(
             (Run.created_at > created_at) | ((Run.created_at == created_at) & (Run.id > run_id))
         )
     rows = status_rows(query.order_by(Run.created_at, Run.id).limit(limit + 1))
-    return _page(rows, limit, lambda run: (run["created_at"], run["id"]))
+    return page_of(rows, limit, lambda run: (run["created_at"], run["id"]))
 
 
 def _busy(uid: str, run_id: str | None) -> SessionBusy:

@@ -247,10 +247,7 @@ def sweep_expired_runs() -> list[str]:
                 continue
             close_run_log(run_id, EventType.ERROR, LOST_MESSAGE)
             run = (
-                Run.select(Run, Session.id, Session.uid)
-                .join(Session)
-                .where(Run.id == run_id)
-                .get()
+                Run.select(Run, Session.id, Session.uid).join(Session).where(Run.id == run_id).get()
             )
             release_session(run.session.id, run_id, now)
             enqueue_notices([run_notice(run)])
