@@ -11,9 +11,11 @@ import binascii
 import datetime
 import json
 import re
+import urllib.parse
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
 from marshmallow import (
     RAISE,
     Schema,
@@ -191,6 +193,97 @@ def header_map(**kwargs: Any) -> fields.Dict:
     )
 
 
+# The largest response schema a run or an agent may give, as JSON text.
+MAX_RESPONSE_SCHEMA_BYTES = 64 * 1024
+
+
+def _pointer_target(root: Any, reference: str) -> bool:
+    """Whether a local ``$ref`` ("#" or "#/a/b") points at something in ``root``."""
+    if reference == "#":
+        return True
+    if not reference.startswith("#/"):
+        return False
+    target = root
+    for part in reference[2:].split("/"):
+        part = urllib.parse.unquote(part).replace("~1", "/").replace("~0", "~")
+        if isinstance(target, dict) and part in target:
+            target = target[part]
+        elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+            target = target[int(part)]
+        else:
+            return False
+    return True
+
+
+def _references(node: Any) -> list[str]:
+    """Every ``$ref`` in a schema, nested ones included."""
+    found: list[str] = []
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if isinstance(item.get("$ref"), str):
+                found.append(item["$ref"])
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
+def json_schema_problem(schema: Any) -> str | None:
+    """Say why ``schema`` cannot be a response schema, or return None if it can.
+
+    It must be a JSON Schema (draft 2020-12 unless its ``$schema`` names another) as an object,
+    of bounded size, whose ``$ref``s all point inside it: nothing is ever fetched.
+    """
+    if not isinstance(schema, dict):
+        return "Must be a JSON Schema object."
+    try:
+        size = len(json.dumps(schema))
+    except (TypeError, ValueError, RecursionError):
+        return "Must be a JSON Schema object (JSON, not nested too deeply)."
+    if size > MAX_RESPONSE_SCHEMA_BYTES:
+        return f"Must be at most {MAX_RESPONSE_SCHEMA_BYTES} bytes as JSON (got {size})."
+    try:
+        validator = jsonschema.validators.validator_for(
+            schema, default=jsonschema.Draft202012Validator
+        )
+        validator.check_schema(schema)
+    except jsonschema.SchemaError as error:
+        where = "/".join(str(part) for part in error.absolute_path)
+        return f"Not a valid JSON Schema: {error.message}" + (f" (at {where})" if where else "")
+    except RecursionError:
+        return "Not a valid JSON Schema: nested too deeply."
+    for reference in _references(schema):
+        if not _pointer_target(schema, reference):
+            return (
+                f"$ref {reference[:200]!r} does not point inside the schema: only local "
+                "references (#/$defs/...) are followed."
+            )
+    return None
+
+
+class ResponseFormatSchema(StrictSchema):
+    """What the final answer must be: JSON valid against a JSON Schema, or plain text.
+
+    ``{"type": "text"}`` turns an agent's default response format off for one run.
+    """
+
+    type = fields.String(required=True, validate=validate.OneOf(["json_schema", "text"]))
+    schema = fields.Dict(metadata={"description": "A JSON Schema (2020-12 by default)."})
+
+    @validates_schema
+    def _schema_fits_type(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("type") == "json_schema":
+            if "schema" not in data:
+                raise ValidationError("Give the JSON Schema the answer must fit.", "schema")
+            problem = json_schema_problem(data["schema"])
+            if problem:
+                raise ValidationError(problem, "schema")
+        elif "schema" in data:
+            raise ValidationError("Only for type json_schema.", "schema")
+
+
 class RunOptionsSchema(StrictSchema):
     model = fields.String(validate=[validate.Length(min=1, max=200), text])
     temperature = fields.Float(validate=validate.Range(min=0, max=2))
@@ -209,6 +302,8 @@ class RunOptionsSchema(StrictSchema):
         values=header_map(validate=validate.Length(max=64)),
         validate=validate.Length(max=32),
     )
+    # The answer as JSON valid against a schema; overrides the agent's response_format.
+    response_format = fields.Nested(ResponseFormatSchema, data_key="responseFormat")
 
 
 class RunRequestSchema(StrictSchema):
@@ -479,6 +574,8 @@ class AgentDefinitionSchema(StrictSchema):
     explain_tool_calls = fields.Boolean()
     context_tokens = fields.Integer(strict=True, validate=validate.Range(min=256))
     mcp_servers = fields.List(fields.Nested(McpServerSchema), validate=_unique_server_names)
+    # The answer runs give unless they ask otherwise (options.responseFormat).
+    response_format = fields.Nested(ResponseFormatSchema)
 
 
 def field_messages(errors: Any, prefix: str = "") -> list[tuple[str, str]]:

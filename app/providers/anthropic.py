@@ -32,6 +32,12 @@ Invalid option values raise ValueError when the provider is made; a missing key 
 model call with :class:`ProviderError`. The SDK's own retries are off; one client per
 (base_url, api_key) is shared by every run of the process.
 
+Structured output (a request's ``response_schema``): the answer is the input of a tool,
+``final_answer``, whose input schema is the response schema (a schema whose root is not an
+object is wrapped in one, under ``value``). The model is made to call a tool (that one, when it
+has no other); a call to it comes out as the answer's text, and text the model wrote beside it
+as reasoning. Extended thinking allows no forced tool, so a thinking model is only offered it.
+
 Thinking and tools: Anthropic wants the signed thinking blocks of a tool-using answer sent back
 with its tool results, and the neutral messages of :mod:`.base` have no place for them. So the
 blocks are remembered here, by tool call id, for the next call of the same run; a call whose
@@ -102,6 +108,10 @@ STOP_REASONS = {
 TAKES_TEMPERATURE = (
     "temperature" in inspect.signature(anthropic.resources.Messages.create).parameters
 )
+# Structured output's tool (see the module's docstring), and the key that wraps an answer whose
+# schema is not an object's.
+ANSWER_TOOL = "final_answer"
+ANSWER_KEY = "value"
 # How many tool-using answers' thinking blocks are remembered (see the module's docstring).
 THINKING_MEMORY = 1024
 
@@ -165,9 +175,11 @@ class AnthropicProvider:
             raise ProviderError(self.missing_key)
         client = shared_client(anthropic.Anthropic, self.base_url, self.api_key or NO_KEY)
         params = self._params(request)
+        schema = request.response_schema
+        wrapped = None if schema is None else _wraps(schema)
         yield from stream_with_retries(
             lambda: client.messages.create(**params),
-            _read_stream,
+            lambda events: _read_stream(events, wrapped),
             retry_on=(anthropic.APIError, StreamTruncated, NetworkError),
             # ValueError: an event that is not JSON, i.e. not the Messages API.
             fail_on=(anthropic.AnthropicError, ValueError),
@@ -194,6 +206,12 @@ class AnthropicProvider:
             params["system"] = system
         if request.tools:
             params["tools"] = [_tool(spec) for spec in request.tools]
+        if request.response_schema is not None:
+            params["tools"] = [*params.get("tools", ()), _answer_tool(request.response_schema)]
+            if budget is None:
+                params["tool_choice"] = (
+                    {"type": "any"} if request.tools else {"type": "tool", "name": ANSWER_TOOL}
+                )
         if budget is not None:
             params["thinking"] = {"type": "enabled", "budget_tokens": budget}
             params["max_tokens"] = max_tokens + budget
@@ -255,6 +273,32 @@ def _error_body(error: anthropic.APIStatusError) -> tuple[str | None, str]:
 
 def _tool(spec: ToolSpec) -> dict[str, Any]:
     return {"name": spec.name, "description": spec.description, "input_schema": spec.parameters}
+
+
+def _wraps(schema: Mapping[str, Any]) -> bool:
+    """Whether a response schema must be wrapped in an object to be a tool's input schema."""
+    return schema.get("type") != "object"
+
+
+def _answer_tool(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The tool whose input is a structured answer (see the module's docstring)."""
+    if _wraps(schema):
+        # Definitions stay at the root, where the schema's "#/$defs/..." references look.
+        moved = ("$defs", "definitions", "$schema")
+        inner = {k: v for k, v in schema.items() if k not in moved}
+        outer = {k: v for k, v in schema.items() if k in moved}
+        schema = {
+            **outer,
+            "type": "object",
+            "properties": {ANSWER_KEY: inner},
+            "required": [ANSWER_KEY],
+        }
+    return {
+        "name": ANSWER_TOOL,
+        "description": "Give your final answer to the user: call this once you are done, "
+        "with the answer as the input.",
+        "input_schema": dict(schema),
+    }
 
 
 def _image(media: Mapping[str, Any]) -> dict[str, Any]:
@@ -388,8 +432,16 @@ def _remember_thinking(tool_ids: list[str], blocks: list[dict[str, Any]]) -> Non
 # Responses ---------------------------------------------------------------------------------
 
 
-def _read_stream(events: Any) -> Iterator[Delta]:
-    """Turn a stream of Messages API events into deltas; usage and finish come last."""
+def _read_stream(events: Any, wrapped: bool | None = None) -> Iterator[Delta]:
+    """Turn a stream of Messages API events into deltas; usage and finish come last.
+
+    ``wrapped`` is None without structured output; else whether the answer tool's input
+    wraps the answer (see :func:`_answer_tool`), whose input is then the answer's text.
+    """
+    structured = wrapped is not None
+    # Structured output: the answer tool's input, and the text beside it, both in pieces.
+    answer: dict[int, list[str]] = {}
+    said: list[str] = []
     input_tokens = output_tokens = 0
     stop_reason: str | None = None
     # content block index -> position among this answer's tool calls
@@ -406,7 +458,12 @@ def _read_stream(events: Any) -> Iterator[Delta]:
         elif kind == "content_block_start":
             index, block = event.index, event.content_block
             if block.type == "text" and getattr(block, "text", ""):
-                yield ContentDelta(block.text)
+                if structured:
+                    said.append(block.text)
+                else:
+                    yield ContentDelta(block.text)
+            elif structured and block.type == "tool_use" and block.name == ANSWER_TOOL:
+                answer[index] = []
             elif block.type == "thinking":
                 signature = getattr(block, "signature", None) or ""
                 thinking[index] = {"type": "thinking", "thinking": "", "signature": signature}
@@ -422,7 +479,15 @@ def _read_stream(events: Any) -> Iterator[Delta]:
         elif kind == "content_block_delta":
             index, delta = event.index, event.delta
             if delta.type == "text_delta" and delta.text:
-                yield ContentDelta(delta.text)
+                if structured:
+                    said.append(delta.text)
+                else:
+                    yield ContentDelta(delta.text)
+            elif delta.type == "input_json_delta" and index in answer:
+                if wrapped:
+                    answer[index].append(delta.partial_json or "")
+                elif delta.partial_json:
+                    yield ContentDelta(delta.partial_json)
             elif delta.type == "thinking_delta" and delta.thinking:
                 if index in thinking:
                     thinking[index]["thinking"] += delta.thinking
@@ -439,10 +504,35 @@ def _read_stream(events: Any) -> Iterator[Delta]:
             output_tokens = getattr(usage, "output_tokens", None) or output_tokens
     if stop_reason is None:
         raise StreamTruncated("the stream ended before the model finished its answer")
+    if structured:
+        yield from _structured_text(answer, said, bool(wrapped))
+        if answer and not tool_ids:
+            stop_reason = "end_turn"
     if tool_ids and thinking:
         _remember_thinking(tool_ids, [thinking[index] for index in sorted(thinking)])
     yield UsageDelta(input_tokens=input_tokens, output_tokens=output_tokens)
     yield FinishDelta(STOP_REASONS.get(stop_reason, stop_reason))
+
+
+def _structured_text(
+    answer: dict[int, list[str]], said: list[str], wrapped: bool
+) -> Iterator[Delta]:
+    """The text of a structured answer: the answer tool's input, unwrapped; what the model
+    wrote beside it is reasoning. Without a call of the tool, the text is the answer."""
+    if not answer:
+        if said:
+            yield ContentDelta("".join(said))
+        return
+    if said:
+        yield ReasoningDelta("".join(said))
+    if wrapped:
+        for pieces in answer.values():
+            text = "".join(pieces)
+            try:
+                text = json.dumps(json.loads(text)[ANSWER_KEY])
+            except (ValueError, TypeError, KeyError):
+                pass  # left as it came, for the loop's validation to report
+            yield ContentDelta(text)
 
 
 def _input_tokens(usage: Any) -> int:

@@ -165,6 +165,14 @@ class OpenAIProvider:
             body["temperature"] = request.temperature
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
+        if request.response_schema is not None:
+            # Structured outputs; servers that constrain decoding (OpenAI, vLLM, llama.cpp,
+            # Ollama) make the answer fit. Not "strict": OpenAI's strict mode takes only a
+            # subset of JSON Schema, and the loop validates the answer anyway.
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": request.response_schema},
+            }
         # Merged over the rest, as the SDK merges its extra_body.
         body.update(self.extra_body)
         return body

@@ -6,7 +6,9 @@ It reads the conversation like a model would, but answers by rule:
    calling the first tool and calls it once, with arguments drawn from the user's message
    (for a string argument with a ``pattern``, the first word of the message that matches).
 2. Otherwise it answers: with the tool results it got, or by echoing the user's message, in
-   several content deltas.
+   several content deltas. Asked for structured output (a response schema), it answers with
+   a JSON instance of the schema instead, built from it (:func:`instance_of`): the strings
+   say what the plain answer would have said.
 
 Options (the agent's ``model_options``): ``delay`` seconds between deltas (default 0),
 ``content_deltas`` to split the answer into exactly that many deltas.
@@ -72,6 +74,129 @@ def _arguments(spec: ToolSpec, message: str) -> dict[str, Any]:
     return {name: _argument_value(name, properties.get(name, {}), message) for name in required}
 
 
+def _resolve(schema: Any, root: dict[str, Any]) -> Any:
+    """Follow a local ``$ref`` ("#/$defs/x"), as many times as it takes."""
+    for _ in range(32):
+        if not (isinstance(schema, dict) and isinstance(schema.get("$ref"), str)):
+            break
+        target: Any = root
+        for part in schema["$ref"].removeprefix("#").strip("/").split("/"):
+            if part:
+                part = part.replace("~1", "/").replace("~0", "~")
+                target = target[int(part)] if isinstance(target, list) else target[part]
+        schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+    return schema
+
+
+def _string(schema: dict[str, Any], text: str, words: str) -> str:
+    formats = {
+        "date-time": "2026-05-06T10:00:00Z",
+        "date": "2026-05-06",
+        "time": "10:00:00Z",
+        "email": "user@example.com",
+        "uri": "https://example.com/",
+        "uuid": "550e8400-e29b-41d4-a716-446655440000",
+    }
+    value = formats.get(schema.get("format", ""), text)
+    pattern = schema.get("pattern")
+    if pattern and not re.search(pattern, value):
+        # A word of the text that matches, as the tool arguments do; else the pattern's
+        # own literal characters, which often match it.
+        found = [w for w in re.findall(r"[\w.@:/-]+", words) if re.search(pattern, w)]
+        value = found[0] if found else re.sub(r"\\(.)|[\^$()\[\]{}*+?|]", r"\1", pattern)
+    low, high = schema.get("minLength", 0), schema.get("maxLength")
+    if len(value) < low:
+        value = value.ljust(low, "x")
+    if high is not None:
+        value = value[:high]
+    return value
+
+
+def _number(schema: dict[str, Any], integer: bool) -> float | int:
+    low = schema.get("minimum", schema.get("exclusiveMinimum"))
+    high = schema.get("maximum", schema.get("exclusiveMaximum"))
+    value: float = 1 if low is None else low
+    if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+        value = schema["exclusiveMinimum"] + 1
+    if high is not None and value > high:
+        value = high
+    if "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]:
+        value = schema["exclusiveMaximum"] - (1 if integer else 0.5)
+    step = schema.get("multipleOf")
+    if step:
+        value = -(-value // step) * step
+    return int(value) if integer else float(value)
+
+
+def instance_of(
+    schema: Any, text: str = "", words: str = "", root: Any = None, depth: int = 0
+) -> Any:
+    """Build a JSON value valid against ``schema``, its strings made of ``text``; a string
+    with a ``pattern`` is the first word of ``text`` or ``words`` that matches it.
+
+    Covers what response schemas use: types, properties and required, items and lengths,
+    enum and const, bounds, formats, simple patterns, anyOf/oneOf (the first choice), allOf
+    (merged) and local $refs. What it cannot honour (an intricate pattern, say) the loop's
+    validation reports, as it would of any model.
+    """
+    root = schema if root is None else root
+    schema = _resolve(schema, root)
+    if not isinstance(schema, dict) or depth > 16:
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf"):
+        if schema.get(key):
+            # The first choice that is not null: a null answer would show a client little.
+            choices = schema[key]
+            choice = next((c for c in choices if c.get("type") != "null"), choices[0])
+            rest = {k: v for k, v in schema.items() if k != key}
+            return instance_of({**rest, **choice}, text, words, root, depth + 1)
+    if schema.get("allOf"):
+        merged = {k: v for k, v in schema.items() if k != "allOf"}
+        for part in schema["allOf"]:
+            part = _resolve(part, root)
+            merged["properties"] = {**merged.get("properties", {}), **part.get("properties", {})}
+            merged["required"] = [*merged.get("required", []), *part.get("required", [])]
+            merged.update({k: v for k, v in part.items() if k not in ("properties", "required")})
+        return instance_of(merged, text, words, root, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind is None:
+        kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
+    if kind == "object":
+        properties = schema.get("properties") or {}
+        names = list(dict.fromkeys([*schema.get("required", []), *properties]))
+        value = {
+            name: instance_of(properties.get(name, {}), text, words, root, depth + 1)
+            for name in names
+        }
+        return value
+    if kind == "array":
+        count = max(schema.get("minItems", 1), 1)
+        if schema.get("maxItems") is not None:
+            count = min(count, schema["maxItems"])
+        prefix = schema.get("prefixItems") or []
+        items = [instance_of(item, text, words, root, depth + 1) for item in prefix[:count]]
+        rest = schema.get("items", {})
+        items += [
+            instance_of(rest, text, words, root, depth + 1) for _ in range(count - len(items))
+        ]
+        if schema.get("uniqueItems") and len(items) > 1 and isinstance(items[0], (int, float)):
+            items = [item + index for index, item in enumerate(items)]
+        return items
+    if kind in ("integer", "number"):
+        return _number(schema, kind == "integer")
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return _string(schema, text, f"{text} {words}")
+
+
 class ScriptedProvider:
     # It cannot see images, but acknowledges them, so clients can test sending media.
     accepts_images = True
@@ -120,6 +245,8 @@ class ScriptedProvider:
 
         if tool_results:
             answer = " ".join(f"{m['name']} returned {m['content']}." for m in tool_results)
+            if request.response_schema is not None:
+                answer = json.dumps(instance_of(request.response_schema, answer, message))
         else:
             self._pace()
             yield ReasoningDelta("No tool is needed; I will answer directly.")
@@ -128,6 +255,8 @@ class ScriptedProvider:
             images = len(messages[last_user].get("media") or ())
             if images:
                 answer += f" (with {images} image{'s' if images > 1 else ''})"
+            if request.response_schema is not None:
+                answer = json.dumps(instance_of(request.response_schema, answer, message))
         for piece in _split(answer, self.content_deltas):
             self._pace()
             yield ContentDelta(piece)

@@ -32,7 +32,12 @@ from marshmallow import ValidationError
 
 from ..providers.base import PROVIDERS, ToolSpec
 from ..schemas import AGENT_ID_PATTERN as _AGENT_ID
-from ..schemas import AgentDefinitionSchema, McpServerSchema, field_messages
+from ..schemas import (
+    AgentDefinitionSchema,
+    McpServerSchema,
+    ResponseFormatSchema,
+    field_messages,
+)
 
 AGENT_ID_PATTERN = re.compile(_AGENT_ID)
 TOOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -213,6 +218,12 @@ class Agent:
     context_tokens: int = 32_000
     # MCP servers whose tools the agent may call next to its Python tools.
     mcp_servers: tuple[McpServer, ...] = ()
+    # The answer's form unless a run asks otherwise: {"type": "json_schema", "schema": {...}}
+    # or {"type": "text"} (schemas.ResponseFormatSchema); None is text.
+    response_format: Mapping[str, Any] | None = None
+    # The version of an organisation's own agent (stored through the API); None for the
+    # agents file's and Python's, which have none.
+    version: int | None = None
 
     def __post_init__(self) -> None:
         if not AGENT_ID_PATTERN.match(self.id):
@@ -276,8 +287,16 @@ def register_agent(
     explain_tool_calls: bool = False,
     context_tokens: int = 32_000,
     mcp_servers: Iterable[Mapping[str, Any] | McpServer] = (),
+    response_format: Mapping[str, Any] | None = None,
 ) -> Agent:
     """Define an agent from Python. It overrides a file agent with the same id."""
+    if response_format is not None:
+        try:
+            response_format = ResponseFormatSchema().load(dict(response_format))
+        except ValidationError as error:
+            raise AgentDefinitionError(
+                _reasons(f"agent {id!r}: response_format", error), error.messages_dict
+            ) from None
     agent = Agent(
         id=id,
         name=name or id,
@@ -294,6 +313,7 @@ def register_agent(
             s if isinstance(s, McpServer) else mcp_server(s, f"agent {id!r}: mcp_servers[{i}]")
             for i, s in enumerate(mcp_servers)
         ),
+        response_format=response_format,
     )
     _python_agents[agent.id] = agent
     return agent
@@ -400,6 +420,7 @@ def build_agent(
             explain_tool_calls=data.get("explain_tool_calls", False),
             context_tokens=data.get("context_tokens", 32_000),
             mcp_servers=tuple(_mcp_server(server) for server in data.get("mcp_servers") or ()),
+            response_format=data.get("response_format"),
         )
     except AgentDefinitionError as error:  # what only the whole agent shows: names that clash
         raise _definition_error({"tools": [str(error)]}, where) from None

@@ -32,7 +32,7 @@ from . import store
 from .agents import Agent
 from .events import PING_FRAME, Event, EventLog, EventType, RunChannel, json_data
 from .idempotency import prune_keys
-from .loop import AgentLoop, RunCancelled, RunPaused, Usage
+from .loop import AgentLoop, InvalidOutput, RunCancelled, RunPaused, Usage
 from .mcp import McpClients, McpSettings, McpToolbox
 from .outbox import RunNotice
 from .store import (
@@ -75,6 +75,8 @@ class RunJob:
     temperature: float | None = None
     max_tokens: int | None = None
     generate_followups: bool = False
+    # The JSON Schema the final answer must fit (structured output), or None for text.
+    response_schema: dict[str, Any] | None = None
     # A run resumed after a pause: its next event's seq, the tool calls still to run (the
     # first approved or rejected by ``decision``), and what the run had produced so far.
     first_seq: int = 1
@@ -278,6 +280,7 @@ class Executor:
             if job.agent.mcp_servers
             else None,
             max_result_chars=self.settings.max_tool_result_chars,
+            response_schema=job.response_schema,
         )
         _restore(loop, job.prior)
         try:
@@ -311,6 +314,8 @@ class Executor:
             return Outcome(RunStatus.CANCELLED, EventType.STOP, json_data({"reason": "cancelled"}))
         except ProviderError as exc:
             return Outcome(RunStatus.FAILED, EventType.ERROR, str(exc), exc.error_type)
+        except InvalidOutput as exc:
+            return Outcome(RunStatus.FAILED, EventType.ERROR, str(exc), "invalid_output")
         except Exception as exc:
             logger.exception("run %s failed", job.run_id)
             message = f"The run failed: {type(exc).__name__}."
@@ -347,6 +352,7 @@ class Executor:
             run_id=job.run_id,
             status=outcome.status,
             content=loop.answer,
+            output=loop.output if outcome.status == RunStatus.COMPLETED else None,
             reasoning_steps=loop.reasoning_steps,
             tool_calls=loop.tool_calls,
             followups=loop.followups,

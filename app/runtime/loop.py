@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
+import jsonschema
 
 from ..providers.base import (
     ContentDelta,
@@ -72,8 +73,33 @@ class RunPaused(Exception):
         }
 
 
+class InvalidOutput(Exception):
+    """The model's answer did not fit the run's response schema, even when asked again."""
+
+
 APPROVE, REJECT = "APPROVE", "REJECT"
 REJECTED_RESULT = "A human reviewer rejected this tool call; it was not run."
+# Said to a model whose answer did not fit the response schema, before its one more try.
+RETRY_INSTRUCTIONS = (
+    "Your answer is not valid: {problem} Answer again with only a JSON document that is "
+    "valid against the JSON Schema you were given, and nothing else."
+)
+
+
+def answer_problem(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
+    """Parse an answer and validate it against a response schema: (value, None) if it fits,
+    else (None, what is wrong, with where)."""
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        return None, f"it is not JSON ({error})."
+    validator_class = jsonschema.validators.validator_for(
+        schema, default=jsonschema.Draft202012Validator
+    )
+    worst = jsonschema.exceptions.best_match(validator_class(schema).iter_errors(value))
+    if worst is None:
+        return value, None
+    return None, f"at {worst.json_path}: {worst.message}"
 
 
 @dataclass
@@ -124,6 +150,8 @@ class AgentLoop:
     mcp: McpToolbox | None = None
     # A tool result longer than this (as the model reads it) is cut, with a note saying so.
     max_result_chars: int = 100_000
+    # A JSON Schema the final answer must be valid against (structured output), or None.
+    response_schema: dict[str, Any] | None = None
 
     content: list[str] = field(default_factory=list)
     reasoning_steps: list[str] = field(default_factory=list)
@@ -132,6 +160,11 @@ class AgentLoop:
     usage: Usage = field(default_factory=Usage)
     # What this run adds to the conversation, in order: assistant turns and tool results.
     new_messages: list[dict[str, Any]] = field(default_factory=list)
+    # The final answer parsed, with a response schema.
+    output: Any = None
+    # With a response schema, the model's text is held here until it proves to be a valid
+    # answer: a stream never carries an answer that fails validation, or a retry's repeat.
+    _held: list[str] | None = None
 
     @property
     def answer(self) -> str:
@@ -167,9 +200,12 @@ class AgentLoop:
                 tools=[] if last_step else tools,
                 temperature=self.temperature,
                 max_tokens=self.max_tokens,
+                response_schema=self.response_schema,
             )
             text, calls = self._call_model(request)
             if not calls:
+                if self.response_schema is not None:
+                    text = self._structured_answer(request, text)
                 self.new_messages.append({"role": "assistant", "content": text})
                 break
             for call in calls:
@@ -225,16 +261,60 @@ class AgentLoop:
                 raise RunPaused(calls[index:])
             self._call_tool(call, rejected=decided and decision == REJECT)
 
+    def _structured_answer(self, request: ModelRequest, text: str) -> str:
+        """Check a final answer against the response schema, asking once more if it fails.
+
+        Streams the answer that fits as CONTENT_DELTA text, in the pieces the model sent it;
+        raises InvalidOutput if the second answer does not fit either.
+        """
+        assert self.response_schema is not None
+        value, problem = answer_problem(text, self.response_schema)
+        if problem is not None:
+            retry = ModelRequest(
+                model=self.model,
+                messages=[
+                    *request.messages,
+                    {"role": "assistant", "content": text},
+                    {"role": "user", "content": RETRY_INSTRUCTIONS.format(problem=problem)},
+                ],
+                temperature=self.temperature,
+                max_tokens=self.max_tokens,
+                response_schema=self.response_schema,
+            )
+            text, calls = self._call_model(retry)
+            value, problem = answer_problem(text, self.response_schema)
+            if calls:
+                problem = "it called a tool instead of answering."
+            if problem is not None:
+                raise InvalidOutput(
+                    f"The model's answer does not fit the response schema, asked twice: {problem}"
+                )
+        for piece in self._held or ():
+            self.content.append(piece)
+            self.emit(EventType.CONTENT_DELTA, piece)
+        self._held = None
+        self.output = value
+        return text
+
     def _call_model(self, request: ModelRequest) -> tuple[str, list[dict[str, Any]]]:
         """Stream one model call into events; return its text and the tool calls it made."""
         self.usage.model_calls += 1
         text: list[str] = []
         reasoning: list[str] = []
         pending: dict[int, _PendingCall] = {}
+        if self.response_schema is not None:
+            self._held = []
         # closing(): a cancelled run closes the back end's stream (and its HTTP response) now.
         with closing(self.provider.stream(request)) as deltas:
             for delta in deltas:
                 self._consume(delta, text, reasoning, pending)
+        if pending and self._held:
+            # Text next to tool calls is the model thinking aloud, not the answer the schema
+            # is for: it goes out as reasoning.
+            said = "".join(self._held)
+            reasoning.append(said)
+            self.emit(EventType.REASONING_DELTA, said)
+            self._held = None
         if reasoning:
             self.reasoning_steps.append("".join(reasoning))
         calls = [
@@ -260,8 +340,11 @@ class AgentLoop:
         if isinstance(delta, ContentDelta):
             if delta.text:
                 text.append(delta.text)
-                self.content.append(delta.text)
-                self.emit(EventType.CONTENT_DELTA, delta.text)
+                if self._held is not None:
+                    self._held.append(delta.text)
+                else:
+                    self.content.append(delta.text)
+                    self.emit(EventType.CONTENT_DELTA, delta.text)
         elif isinstance(delta, ReasoningDelta):
             if delta.text:
                 reasoning.append(delta.text)

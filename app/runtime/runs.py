@@ -246,6 +246,14 @@ def _mcp_headers(agent: Agent, options: dict[str, Any]) -> dict[str, dict[str, s
     return headers or None
 
 
+def response_schema(agent: Agent, options: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON Schema a run's answer must fit: the run's own format, else its agent's."""
+    chosen = options.get("response_format") or agent.response_format
+    if not chosen or chosen.get("type") != "json_schema":
+        return None
+    return chosen["schema"]
+
+
 def start_run(
     executor: Executor,
     agent: Agent,
@@ -336,6 +344,7 @@ def start_run(
         max_tokens=options.get("max_tokens"),
         generate_followups=body.get("generate_followups", False),
         mcp_headers=mcp_headers,
+        response_schema=response_schema(agent, options),
         # A new session's whole conversation is this message: no need to read it back.
         history=[{"role": "user", "content": body["message"]}] if new_session else None,
     )
@@ -396,6 +405,7 @@ def continue_run(
         temperature=options.get("temperature"),
         max_tokens=options.get("max_tokens"),
         generate_followups=(run.request or {}).get("generateFollowups", False),
+        response_schema=response_schema(agent, options),
         first_seq=last_seq + 1,
         mcp_headers=headers,
         pending_calls=run.pending_calls,

@@ -125,6 +125,7 @@ _RELEASE_SESSION = Statement(
 _OUTCOME_FIELDS = (
     Run.status,
     Run.content,
+    Run.output,
     Run.reasoning_steps,
     Run.tool_calls,
     Run.followups,
