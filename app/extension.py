@@ -18,6 +18,7 @@ from . import config as config_module
 from .auth import JWTSettings
 from .db import database, migrate, open_database
 from .limits import RateLimiter
+from .runtime.agent_store import AgentCatalog
 from .runtime.agents import AgentRegistry
 from .runtime.delivery import DeliverySettings, WebhookDeliverer
 from .runtime.executor import Executor, ExecutorSettings
@@ -35,6 +36,8 @@ class AgentRunsState:
 
     config: Mapping[str, Any]
     registry: AgentRegistry
+    # The server's agents and each organisation's own (stored through the API).
+    agents: AgentCatalog
     executor: Executor
     rate_limiter: RateLimiter
     webhook_policy: WebhookPolicy
@@ -132,6 +135,7 @@ class AgentRuns:
         app.extensions["agent_runs"] = AgentRunsState(
             config=settings,
             registry=registry,
+            agents=AgentCatalog(registry),
             executor=executor,
             rate_limiter=RateLimiter(settings["AGENT_RUNS_RATE_LIMIT"]),
             webhook_policy=webhook_policy,

@@ -136,6 +136,10 @@ class DerivedNested(_Derived, fields.Nested):
     pass
 
 
+class DerivedBoolean(_Derived, fields.Boolean):
+    pass
+
+
 def _document(field: fields.Field, **properties: Any) -> None:
     """Add JSON Schema properties to what the OpenAPI document says of a schema's field."""
     field.metadata = {**field.metadata, **properties}
@@ -607,6 +611,28 @@ class AgentSchema(Schema):
     description = fields.String()
     model = fields.String()
     tools = fields.List(fields.Nested(ToolSchema))
+    # "server": the agents file's or Python's, read-only; "organisation": stored through the
+    # API by the caller's organisation, at ``version``.
+    source = fields.String(metadata={"enum": ["server", "organisation"]})
+    version = fields.Integer(allow_none=True)
+
+
+class AgentDetailSchema(AgentSchema):
+    """One agent; an organisation's own comes with its stored definition."""
+
+    definition = fields.Dict(allow_none=True)
+
+
+class AgentVersionSchema(Schema):
+    """One stored version of an organisation's agent; a deletion has no definition."""
+
+    version = fields.Integer()
+    definition = fields.Dict(allow_none=True)
+    deleted = DerivedBoolean(compute=lambda row: row.definition is None)
+    created_at = UTCDateTime(data_key="createdAt")
+    created_by = DerivedString(
+        compute=lambda row: row.created_by or None, data_key="createdBy", allow_none=True
+    )
 
 
 class UsageSchema(Schema):

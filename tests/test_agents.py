@@ -23,7 +23,8 @@ def test_list_agents_shows_the_bundled_agents_with_their_tools(client, auth):
     assert finance["model"] == "scripted"
     tool = next(t for t in finance["tools"] if t["name"] == "get_stock_price")
     assert tool["parameters"]["required"] == ["ticker"]
-    assert set(finance) == {"id", "name", "description", "model", "tools"}
+    assert set(finance) == {"id", "name", "description", "model", "tools", "source", "version"}
+    assert finance["source"] == "server" and finance["version"] is None
 
 
 def test_show_agent_and_unknown_agent(client, auth):

@@ -433,6 +433,7 @@ def test_a_run_end_the_database_refuses_does_not_undo_the_others(app):
                 "run_id": run_id,
                 "status": RunStatus.COMPLETED,
                 "content": "done",
+                "output": None,
                 "reasoning_steps": [],
                 "tool_calls": [],
                 "followups": None,

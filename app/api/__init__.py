@@ -11,6 +11,8 @@ from flask import Blueprint, Response, current_app, g, request
 from ..auth import authenticate, require_scope
 from ..db import database
 from ..errors import problem, register_error_handlers
+from ..runtime.agent_store import AgentConflict
+from ..runtime.agents import AgentDefinitionError
 from ..runtime.idempotency import KeyReused
 from ..runtime.runs import NotFound, RunRequestRejected, RunStateConflict, TooManyActiveRuns
 
@@ -31,6 +33,18 @@ def _too_many_runs(error: TooManyActiveRuns) -> Response:
 @bp.errorhandler(RunStateConflict)
 def _conflict(error: RunStateConflict) -> Response:
     return problem(409, error.message)
+
+
+@bp.errorhandler(AgentConflict)
+def _agent_conflict(error: AgentConflict) -> Response:
+    return problem(error.status, error.message)
+
+
+@bp.errorhandler(AgentDefinitionError)
+def _bad_definition(error: AgentDefinitionError) -> Response:
+    # Raised only for definitions sent to the API: the agents file's fail the server's start.
+    errors = error.errors or {"_schema": [str(error)]}
+    return problem(422, f"Invalid agent definition. {error}", errors=errors)
 
 
 @bp.errorhandler(RunRequestRejected)

@@ -18,11 +18,15 @@ from .. import __version__
 from ..errors import PROBLEM_MIMETYPE
 from ..runtime.idempotency import MAX_KEY_LENGTH
 from ..schemas import (
+    AGENT_ID_PATTERN,
     ID_PATTERN,
     MAX_EVENT_ID,
+    AgentDefinitionSchema,
+    AgentDetailSchema,
     AgentRunSchema,
     AgentSchema,
     AgentStreamEventSchema,
+    AgentVersionSchema,
     ContinueRequestSchema,
     EventsQuerySchema,
     NewWebhookSchema,
@@ -56,6 +60,7 @@ ERRORS = {
     409: "The session or run is busy, or not in a state that allows this.",
     413: "The body is larger than the server accepts.",
     415: "The body is not sent as application/json.",
+    412: "If-Match names another version of the agent than its current one.",
     422: "The body or query is invalid; `errors` says what is wrong with each field.",
     429: "Too many requests or runs; retry after `Retry-After` seconds.",
 }
@@ -208,14 +213,42 @@ def build_document(app: Flask) -> dict[str, Any]:
         schema=state.run_request_schema,
     )
     spec.components.schema("ContinueRequest", schema=ContinueRequestSchema)
+    spec.components.schema("AgentDefinition", schema=AgentDefinitionSchema)
     spec.components.schema("Problem", schema=ProblemSchema)
     spec.components.schema("AgentStreamEvent", schema=AgentStreamEventSchema)
     for status in ERRORS:
         spec.components.response(_problem_name(status), _problem_response(status))
 
-    agent_id = _path_parameter(
-        "agentId", "An agent this server offers.", enum=[a.id for a in state.registry.all()]
-    )
+    # The server's agents, or one of the caller's organisation's own (any agent id).
+    agent_id = {
+        "in": "path",
+        "name": "agentId",
+        "required": True,
+        "description": "One of this server's agents, or of your organisation's own.",
+        "schema": {
+            "type": "string",
+            "anyOf": [
+                {"enum": [a.id for a in state.registry.all()]},
+                {"pattern": AGENT_ID_PATTERN, "maxLength": 128},
+            ],
+        },
+    }
+    if_match = {
+        "in": "header",
+        "name": "If-Match",
+        "required": False,
+        "description": 'Change only if the agent is at this version (its ETag: "3").',
+        "schema": {"type": "string"},
+    }
+    etag = {"ETag": {"description": "The agent's version.", "schema": {"type": "string"}}}
+    definition = {
+        "$ref": "#/components/schemas/AgentDefinition",
+    }
+    patch_body = {
+        "type": "object",
+        "description": "A JSON Merge Patch (RFC 7386) of the agent's definition: keys set "
+        "replace, null removes.",
+    }
     run_id = _path_parameter(
         "runId", "A run's id, as its START event and status report it.", maxLength=64
     )
@@ -261,19 +294,75 @@ def build_document(app: Flask) -> dict[str, Any]:
         "/agents": {
             "get": _operation(
                 operation_id="list_agents",
-                summary="List the agents.",
+                summary="List this server's agents and your organisation's own.",
                 tag="agents",
                 responses={200: _json_response("The agents.", AgentSchema(many=True))},
-            )
+            ),
+            "post": _operation(
+                operation_id="create_agent",
+                summary="Store a new agent of your organisation (scope admin).",
+                tag="agents",
+                body=definition,
+                errors=(*BODY_ERRORS, 409),
+                responses={
+                    201: {
+                        **_json_response("The agent, at version 1.", AgentDetailSchema),
+                        "headers": {
+                            **etag,
+                            "Location": {"schema": {"type": "string"}},
+                        },
+                    }
+                },
+            ),
         },
         "/agents/{agentId}": {
             "parameters": [agent_id],
             "get": _operation(
                 operation_id="show_agent",
-                summary="Read one agent.",
+                summary="Read one agent; your organisation's own with its definition.",
                 tag="agents",
                 errors=(404,),
-                responses={200: _json_response("The agent.", AgentSchema)},
+                responses={200: _json_response("The agent.", AgentDetailSchema)},
+            ),
+            "put": _operation(
+                operation_id="replace_agent",
+                summary="Store a new version of your organisation's agent (scope admin).",
+                tag="agents",
+                body=definition,
+                parameters=[if_match],
+                errors=(*BODY_ERRORS, 404, 409, 412),
+                responses={
+                    200: {**_json_response("The agent.", AgentDetailSchema), "headers": etag}
+                },
+            ),
+            "patch": _operation(
+                operation_id="patch_agent",
+                summary="Change your organisation's agent by a merge patch (scope admin).",
+                tag="agents",
+                body=patch_body,
+                parameters=[if_match],
+                errors=(*BODY_ERRORS, 404, 409, 412),
+                responses={
+                    200: {**_json_response("The agent.", AgentDetailSchema), "headers": etag}
+                },
+            ),
+            "delete": _operation(
+                operation_id="delete_agent",
+                summary="Delete your organisation's agent; its runs stay (scope admin).",
+                tag="agents",
+                parameters=[if_match],
+                errors=(404, 409, 412),
+                responses={204: {"description": "The agent is gone."}},
+            ),
+        },
+        "/agents/{agentId}/versions": {
+            "parameters": [agent_id],
+            "get": _operation(
+                operation_id="agent_versions",
+                summary="List the stored versions of your organisation's agent, newest first.",
+                tag="agents",
+                errors=(404, 409),
+                responses={200: _json_response("The versions.", AgentVersionSchema(many=True))},
             ),
         },
         "/agents/{agentId}/runs": {

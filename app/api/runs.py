@@ -14,6 +14,7 @@ from ..runtime.idempotency import IdempotentRequest, KeyInvalid, parse_key
 from ..runtime.runs import (
     StartedRun,
     cancel_run,
+    check_agent,
     continue_run,
     get_agent,
     get_run,
@@ -83,7 +84,7 @@ def _idempotency(body: dict[str, Any]) -> IdempotentRequest | None:
 
 def _start(agent_id: str, *, background: bool = False) -> tuple[StartedRun, dict[str, Any]]:
     state = _state()
-    agent = get_agent(state.registry, agent_id)
+    agent = get_agent(state.agents, g.principal.org_id, agent_id)
     body = state.run_request_schema.load(_json_body())
     started = start_run(
         state.executor,
@@ -166,7 +167,7 @@ def queue_run(agent_id: str) -> Any:
 @bp.get("/agents/<agent_id>/runs/<run_id>/events")
 def run_events(agent_id: str, run_id: str) -> Response:
     """Stream a run's events: those after Last-Event-ID (or ?after=N), then live ones."""
-    get_agent(_state().registry, agent_id)
+    check_agent(_state().agents, g.principal.org_id, agent_id)
     query = EventsQuerySchema().load(request.args.to_dict())
     after = query.get("after")
     if after is None:
@@ -188,7 +189,7 @@ def run_events(agent_id: str, run_id: str) -> Response:
 @bp.delete("/agents/<agent_id>/runs/<run_id>")
 def cancel(agent_id: str, run_id: str) -> Any:
     """Cancel a run: 202 while it stops, 204 if it had already finished."""
-    get_agent(_state().registry, agent_id)
+    check_agent(_state().agents, g.principal.org_id, agent_id)
     stopping = cancel_run(_state().executor, g.principal, agent_id, run_id)
     return ("", 202) if stopping else ("", 204)
 
@@ -197,11 +198,11 @@ def cancel(agent_id: str, run_id: str) -> Any:
 def continue_paused(agent_id: str, run_id: str) -> Any:
     """Approve or reject a PAUSED run's tool call; answer when the run next stops."""
     state = _state()
-    agent = get_agent(state.registry, agent_id)
     body = ContinueRequestSchema().load(_json_body())
     active = continue_run(
         state.executor,
-        agent,
+        state.agents,
+        agent_id,
         g.principal,
         run_id,
         body["action"],
@@ -214,14 +215,14 @@ def continue_paused(agent_id: str, run_id: str) -> Any:
 @bp.get("/agents/<agent_id>/runs/status")
 def batch_status(agent_id: str) -> Any:
     state = _state()
-    get_agent(state.registry, agent_id)
+    check_agent(state.agents, g.principal.org_id, agent_id)
     query = state.batch_status_query_schema.load(request.args.to_dict())
     return run_status_views(get_statuses(g.principal, agent_id, query["run_ids"]))
 
 
 @bp.get("/agents/<agent_id>/runs/<run_id>/status")
 def run_status(agent_id: str, run_id: str) -> Any:
-    get_agent(_state().registry, agent_id)
+    check_agent(_state().agents, g.principal.org_id, agent_id)
     return run_status_views([get_status(g.principal, agent_id, run_id)])[0]
 
 

@@ -477,3 +477,9 @@ class AgentRegistry:
             if provider == "local":
                 models.append((name, dict(agent.model_options)))
         return models
+
+    def tools(self) -> dict[str, Tool]:
+        """The tools agents stored through the API may name: the file's agents' tools and
+        those registered from Python (which win a clash of names)."""
+        used = {tool.name: tool for agent in self.all() for tool in agent.tools}
+        return {**used, **_python_tools}

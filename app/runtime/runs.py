@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import peewee
 from peewee import fn
@@ -21,7 +21,7 @@ from peewee import fn
 from ..db import Statement, database, insert_statement
 from ..models import Run, RunEvent, RunStatus, Session, utcnow
 from ..providers.base import resolve_model
-from .agents import Agent, AgentRegistry
+from .agents import Agent
 from .events import Event, EventType, json_data, now_ms, write_event
 from .executor import ActiveRun, Executor, RunJob
 from .idempotency import IdempotentRequest, bind_key, claim_key
@@ -34,6 +34,9 @@ from .store import (
     run_notice,
     save_messages,
 )
+
+if TYPE_CHECKING:
+    from .agent_store import AgentCatalog
 
 
 @dataclass(frozen=True)
@@ -115,11 +118,21 @@ def new_run_id() -> str:
     return f"run_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 
-def get_agent(registry: AgentRegistry, agent_id: str) -> Agent:
-    agent = registry.get(agent_id)
+def get_agent(
+    agents: AgentCatalog, org_id: str, agent_id: str, version: int | None = None
+) -> Agent:
+    """Return the agent a run of the organisation's runs now (or as of ``version``)."""
+    agent = agents.get(org_id, agent_id, version)
     if agent is None:
         raise NotFound(f"No agent with id {agent_id!r}.")
     return agent
+
+
+def check_agent(agents: AgentCatalog, org_id: str, agent_id: str) -> None:
+    """Raise NotFound unless the organisation has (or had) the agent: a deleted agent's runs
+    can still be read."""
+    if not agents.is_known(org_id, agent_id):
+        raise NotFound(f"No agent with id {agent_id!r}.")
 
 
 def _acting_user(principal: Principal, body: dict[str, Any]) -> str:
@@ -170,6 +183,7 @@ _INSERT_RUN = insert_statement(
         Run.session,
         Run.status,
         Run.model,
+        Run.agent_version,
         Run.input,
         Run.request,
         Run.content,
@@ -308,6 +322,7 @@ def start_run(
             session=session_pk,
             status=RunStatus.QUEUED if background else RunStatus.RUNNING,
             model=model,
+            agent_version=agent.version,
             input=body["message"],
             request={
                 "generateFollowups": body.get("generate_followups", False),
@@ -363,7 +378,8 @@ def _check_active_runs(org_id: str, cap: int) -> None:
 
 def continue_run(
     executor: Executor,
-    agent: Agent,
+    agents: AgentCatalog,
+    agent_id: str,
     principal: Principal,
     run_id: str,
     action: str,
@@ -373,9 +389,13 @@ def continue_run(
 ) -> ActiveRun:
     """Resume a PAUSED run with a human's APPROVE or REJECT of its pending tool call.
 
-    ``mcp_headers`` are the run's headers for its MCP servers, sent again by the caller.
+    ``mcp_headers`` are the run's headers for its MCP servers, sent again by the caller. It
+    resumes with the agent as it ran: an organisation's agent at the version the run
+    recorded, whatever changed since.
     """
-    run = get_run(principal, agent.id, run_id)
+    check_agent(agents, principal.org_id, agent_id)
+    run = get_run(principal, agent_id, run_id)
+    agent = get_agent(agents, principal.org_id, agent_id, run.agent_version)
     headers = _mcp_headers(agent, {"mcp_headers": mcp_headers})
     options = (run.request or {}).get("options") or {}
     model, provider, model_name = _provider_for(agent, options.get("model"), default_model)

@@ -1,0 +1,266 @@
+"""Agents as data: an organisation's own agents, stored through the API as versions."""
+
+import pytest
+import requests
+
+from agent_runs.auth import create_token
+from agent_runs.db import database
+
+from .conftest import make_token
+from .server import GunicornServer
+
+
+def admin_token(org_id="acme", user_id=None):
+    with database.connection_context():
+        _, secret = create_token(org_id, user_id, scopes=("admin",))
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture
+def admin(app):
+    return admin_token()
+
+
+SUPPORT = {
+    "id": "support",
+    "name": "Support",
+    "description": "Answers support questions.",
+    "instructions": "Be kind.",
+    "model": "scripted",
+    "tools": ["get_current_time"],
+}
+
+
+def create(client, headers, definition=SUPPORT):
+    response = client.post("/api/agents", headers=headers, json=definition)
+    assert response.status_code == 201, response.get_data(as_text=True)
+    return response
+
+
+def run(client, headers, agent="support", message="hi", **body):
+    response = client.post(
+        f"/api/agents/{agent}/runs", headers=headers, json={"message": message, **body}
+    )
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.json
+
+
+def test_an_admin_stores_an_agent_that_its_organisation_runs(client, admin, auth):
+    response = create(client, admin)
+    assert response.headers["Location"].endswith("/api/agents/support")
+    assert response.headers["ETag"] == '"1"'
+    body = response.json
+    assert body["source"] == "organisation" and body["version"] == 1
+    assert body["definition"] == SUPPORT
+    assert [tool["name"] for tool in body["tools"]] == ["get_current_time"]
+
+    listed = {agent["id"]: agent for agent in client.get("/api/agents", headers=auth).json}
+    assert listed["support"]["version"] == 1 and listed["finance_agent"]["source"] == "server"
+    assert "definition" not in listed["support"]
+
+    done = run(client, auth, message="What time is it?")
+    assert done["status"] == "COMPLETED" and done["metadata"]["agentVersion"] == 1
+    assert done["tools"][0]["name"] == "get_current_time"
+    status = client.get(f"/api/agents/support/runs/{done['runId']}/status", headers=auth).json
+    assert status["agentVersion"] == 1
+    # A file agent's run has no version.
+    other = run(client, auth, agent="assistant")
+    assert "agentVersion" not in other["metadata"]
+
+
+def test_another_organisation_never_sees_it(client, admin):
+    create(client, admin)
+    other = make_token("globex")
+    assert "support" not in [a["id"] for a in client.get("/api/agents", headers=other).json]
+    assert client.get("/api/agents/support", headers=other).status_code == 404
+    response = client.post("/api/agents/support/runs", headers=other, json={"message": "hi"})
+    assert response.status_code == 404
+    # Its own agent of the same id is its own.
+    create(client, admin_token("globex"), {**SUPPORT, "instructions": "Be brief."})
+    assert client.get("/api/agents/support", headers=other).json["definition"]["instructions"] == (
+        "Be brief."
+    )
+
+
+def test_each_change_is_a_new_version_and_runs_record_theirs(client, admin, auth):
+    create(client, admin)
+    first = run(client, auth)
+    replaced = client.put(
+        "/api/agents/support",
+        headers=admin,
+        json={**SUPPORT, "tools": [], "model_options": {"content_deltas": 2}},
+    )
+    assert replaced.status_code == 200 and replaced.json["version"] == 2
+    assert replaced.headers["ETag"] == '"2"'
+    patched = client.patch(
+        "/api/agents/support",
+        headers={**admin, "Content-Type": "application/merge-patch+json"},
+        json={"description": "Patched.", "model_options": None},
+    )
+    assert patched.status_code == 200, patched.json
+    assert patched.json["version"] == 3
+    assert patched.json["definition"] == {**SUPPORT, "tools": [], "description": "Patched."}
+    third = run(client, auth)
+    assert (first["metadata"]["agentVersion"], third["metadata"]["agentVersion"]) == (1, 3)
+    assert third["tools"] == []
+    versions = client.get("/api/agents/support/versions", headers=auth).json
+    assert [v["version"] for v in versions] == [3, 2, 1]
+    assert versions[2]["definition"] == SUPPORT and versions[0]["deleted"] is False
+
+
+def test_deleting_keeps_the_runs_and_the_versions(client, admin, auth):
+    create(client, admin)
+    done = run(client, auth)
+    assert client.delete("/api/agents/support", headers=admin).status_code == 204
+    assert client.get("/api/agents/support", headers=auth).status_code == 404
+    assert "support" not in [a["id"] for a in client.get("/api/agents", headers=auth).json]
+    refused = client.post("/api/agents/support/runs", headers=auth, json={"message": "hi"})
+    assert refused.status_code == 404
+    # The runs of a deleted agent can still be read.
+    status = client.get(f"/api/agents/support/runs/{done['runId']}/status", headers=auth)
+    assert status.status_code == 200 and status.json["agentVersion"] == 1
+    assert client.delete("/api/agents/support", headers=admin).status_code == 404
+    assert client.put("/api/agents/support", headers=admin, json=SUPPORT).status_code == 404
+    # Made again, it goes on from the deletion's version.
+    assert create(client, admin).json["version"] == 3
+    versions = client.get("/api/agents/support/versions", headers=auth).json
+    assert [(v["version"], v["deleted"]) for v in versions] == [(3, False), (2, True), (1, False)]
+
+
+def test_changes_need_the_admin_scope(client, admin, auth):
+    assert client.post("/api/agents", headers=auth, json=SUPPORT).status_code == 403
+    create(client, admin)
+    for method in ("put", "patch", "delete"):
+        response = getattr(client, method)("/api/agents/support", headers=auth, json=SUPPORT)
+        assert response.status_code == 403, method
+        assert response.mimetype == "application/problem+json"
+
+
+def test_the_servers_agents_are_read_only(client, admin):
+    for method, path, body in (
+        ("post", "/api/agents", {**SUPPORT, "id": "finance_agent"}),
+        ("put", "/api/agents/finance_agent", {**SUPPORT, "id": "finance_agent"}),
+        ("patch", "/api/agents/finance_agent", {"description": "mine now"}),
+        ("delete", "/api/agents/finance_agent", None),
+        ("get", "/api/agents/finance_agent/versions", None),
+    ):
+        response = getattr(client, method)(path, headers=admin, json=body)
+        assert response.status_code == 409, (method, path)
+        assert response.mimetype == "application/problem+json"
+        assert "read-only" in response.json["detail"]
+
+
+def test_a_second_agent_of_an_id_and_a_stale_if_match_are_refused(client, admin):
+    create(client, admin)
+    again = client.post("/api/agents", headers=admin, json=SUPPORT)
+    assert again.status_code == 409 and "PUT or PATCH" in again.json["detail"]
+    stale = client.put("/api/agents/support", headers={**admin, "If-Match": '"7"'}, json=SUPPORT)
+    assert stale.status_code == 412
+    fresh = client.put("/api/agents/support", headers={**admin, "If-Match": '"1"'}, json=SUPPORT)
+    assert fresh.status_code == 200 and fresh.json["version"] == 2
+    gone = client.delete("/api/agents/support", headers={**admin, "If-Match": '"1"'})
+    assert gone.status_code == 412
+    bad = client.delete("/api/agents/support", headers={**admin, "If-Match": "W/x, y"})
+    assert bad.status_code == 412
+
+
+@pytest.mark.parametrize(
+    "definition, field",
+    [
+        ({**SUPPORT, "tools": ["no_such_tool"]}, "tools"),
+        # An import path would let an API caller import any module of the server.
+        ({**SUPPORT, "tools": ["os:system"]}, "tools"),
+        ({**SUPPORT, "model": "nope:model"}, "model"),
+        ({**SUPPORT, "model": ""}, "model"),
+        ({**SUPPORT, "allowed_models": ["scripted", "bogus:x"]}, "allowed_models"),
+        ({**SUPPORT, "max_steps": 0}, "max_steps"),
+        ({**SUPPORT, "colour": "red"}, "colour"),
+        ({**SUPPORT, "id": "bad id"}, "id"),
+        ({"name": "no id"}, "id"),
+        (
+            {**SUPPORT, "response_format": {"type": "json_schema", "schema": {"type": "strin"}}},
+            "response_format",
+        ),
+        (
+            {
+                **SUPPORT,
+                "mcp_servers": [
+                    {
+                        "name": "crm",
+                        "url": "http://h/mcp",
+                        "headers": {"Authorization": "Bearer x1"},
+                    }
+                ],
+            },
+            "mcp_servers",
+        ),
+        ({**SUPPORT, "instructions": "x" * 300_000}, "_schema"),
+    ],
+)
+def test_a_bad_definition_is_422_naming_the_field(client, admin, definition, field):
+    response = client.post("/api/agents", headers=admin, json=definition)
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert response.mimetype == "application/problem+json"
+    assert field in response.json["errors"], response.json
+    assert client.get("/api/agents/support", headers=admin).status_code == 404
+
+
+def test_a_bad_change_is_422_and_keeps_the_version(client, admin):
+    create(client, admin)
+    for method, body, field in (
+        ("put", {**SUPPORT, "tools": ["no_such_tool"]}, "tools"),
+        ("put", {**SUPPORT, "id": "renamed"}, "id"),
+        ("patch", {"model": "nope:x"}, "model"),
+        ("patch", {"tools": [{"use": "get_current_time", "colour": "red"}]}, "tools"),
+    ):
+        response = getattr(client, method)("/api/agents/support", headers=admin, json=body)
+        assert response.status_code == 422, (method, body, response.json)
+        assert field in response.json["errors"]
+    assert client.get("/api/agents/support", headers=admin).json["version"] == 1
+    response = client.post("/api/agents", headers=admin, json=["not", "an", "object"])
+    assert response.status_code == 422
+
+
+def test_a_paused_run_resumes_with_the_version_it_ran(client, admin, auth):
+    gated = {**SUPPORT, "tools": [{"use": "get_current_time", "requires_approval": True}]}
+    create(client, admin, gated)
+    paused = run(client, auth, message="What time is it?")
+    assert paused["status"] == "PAUSED"
+    # The agent changes meanwhile: its tool goes.
+    client.put("/api/agents/support", headers=admin, json={**SUPPORT, "tools": []})
+    resumed = client.post(
+        f"/api/agents/support/runs/{paused['runId']}/continue",
+        headers=auth,
+        json={"action": "APPROVE"},
+    )
+    assert resumed.status_code == 200, resumed.json
+    done = resumed.json
+    assert done["status"] == "COMPLETED" and done["metadata"]["agentVersion"] == 1
+    assert [t["name"] for t in done["tools"]] == ["get_current_time"]
+    assert done["tools"][0]["isError"] is False
+
+
+def test_every_worker_runs_the_current_version(tmp_path):
+    """Changes made through one worker are what runs on any worker get next."""
+    with GunicornServer(tmp_path, workers=2) as server:
+        secret = server.cli("tokens", "create", "--org", "acme", "--scope", "admin")
+        headers = {"Authorization": f"Bearer {secret.stdout.strip().splitlines()[-1]}"}
+
+        def call(method, path, **kwargs):
+            # A new connection each time, so requests land on either worker.
+            return requests.request(
+                method,
+                server.url + path,
+                headers={**headers, "Connection": "close"},
+                timeout=15,
+                **kwargs,
+            )
+
+        assert call("POST", "/api/agents", json=SUPPORT).status_code == 201
+        for version in range(2, 12):
+            changed = call("PUT", "/api/agents/support", json={**SUPPORT, "name": f"v{version}"})
+            assert changed.status_code == 200 and changed.json()["version"] == version
+            ran = call("POST", "/api/agents/support/runs", json={"message": "hi"})
+            assert ran.status_code == 200, ran.text
+            assert ran.json()["metadata"]["agentVersion"] == version
+            assert call("GET", "/api/agents/support").json()["name"] == f"v{version}"
