@@ -1,5 +1,6 @@
 """Agents as data: an organisation's own agents, stored through the API as versions."""
 
+import gevent
 import pytest
 import requests
 
@@ -264,3 +265,15 @@ def test_every_worker_runs_the_current_version(tmp_path):
             assert ran.status_code == 200, ran.text
             assert ran.json()["metadata"]["agentVersion"] == version
             assert call("GET", "/api/agents/support").json()["name"] == f"v{version}"
+
+        # Changes at once, on both workers: each stored as a version, or refused with a 409
+        # for having been made against one that another change replaced; never a 500.
+        changes = [
+            gevent.spawn(call, "PUT", "/api/agents/support", json={**SUPPORT, "name": f"c{n}"})
+            for n in range(12)
+        ]
+        gevent.joinall(changes, timeout=60, raise_error=True)
+        statuses = sorted(change.value.status_code for change in changes)
+        assert set(statuses) <= {200, 409} and 200 in statuses, statuses
+        versions = call("GET", "/api/agents/support/versions").json()
+        assert [v["version"] for v in versions] == list(range(11 + statuses.count(200), 0, -1))

@@ -185,14 +185,12 @@ class AgentCatalog:
             self._refuse_server_agent(agent_id)
         self._check(definition)
         agent_id = definition["id"]
-        with database.atomic():
-            current = _versions(org_id, agent_id).first()
-            if current is not None and current.definition is not None:
-                raise AgentConflict(
-                    f"Your organisation already has an agent {agent_id!r}; change it with "
-                    "PUT or PATCH."
-                )
-            return self._store(org_id, agent_id, current, definition, created_by)
+        current = _versions(org_id, agent_id).first()
+        if current is not None and current.definition is not None:
+            raise AgentConflict(
+                f"Your organisation already has an agent {agent_id!r}; change it with PUT or PATCH."
+            )
+        return self._store(org_id, agent_id, current, definition, created_by)
 
     def replace(
         self,
@@ -207,29 +205,27 @@ class AgentCatalog:
         """Store a new version of an organisation's agent: ``definition`` whole, or with
         ``patch`` a JSON Merge Patch of the current one. ``expected``: the version the
         change was made against (If-Match)."""
-        with database.atomic():
-            current = self.stored(org_id, agent_id)
-            _check_expected(current, expected)
-            if patch:
-                definition = merge_patch(current.definition, definition)
-            if isinstance(definition, dict):
-                definition = {"id": agent_id, **definition}
-                if definition["id"] != agent_id:
-                    raise AgentDefinitionError(
-                        "id: Must be the agent's id in the path; an agent cannot be renamed.",
-                        {"id": ["Must be the agent's id in the path; it cannot be renamed."]},
-                    )
-            self._check(definition)
-            return self._store(org_id, agent_id, current, definition, created_by)
+        current = self.stored(org_id, agent_id)
+        _check_expected(current, expected)
+        if patch:
+            definition = merge_patch(current.definition, definition)
+        if isinstance(definition, dict):
+            definition = {"id": agent_id, **definition}
+            if definition["id"] != agent_id:
+                raise AgentDefinitionError(
+                    "id: Must be the agent's id in the path; an agent cannot be renamed.",
+                    {"id": ["Must be the agent's id in the path; it cannot be renamed."]},
+                )
+        self._check(definition)
+        return self._store(org_id, agent_id, current, definition, created_by)
 
     def delete(
         self, org_id: str, agent_id: str, created_by: str, *, expected: int | None = None
     ) -> None:
         """Delete an organisation's agent: a version without a definition. Its runs stay."""
-        with database.atomic():
-            current = self.stored(org_id, agent_id)
-            _check_expected(current, expected)
-            self._store(org_id, agent_id, current, None, created_by)
+        current = self.stored(org_id, agent_id)
+        _check_expected(current, expected)
+        self._store(org_id, agent_id, current, None, created_by)
 
     def _check(self, definition: Any) -> None:
         """Validate a definition as the agents file's are, registered tools only."""
@@ -252,6 +248,10 @@ class AgentCatalog:
         definition: Mapping[str, Any] | None,
         created_by: str,
     ) -> AgentDefinition:
+        # Read, then written in a statement of its own: the unique key (org, agent, version)
+        # refuses the second of two changes made against the same version. (A transaction
+        # that read first would, on SQLite, fail to take the write lock from a writer that
+        # went first, rather than wait for it.)
         version = 1 if current is None else current.version + 1
         try:
             with database.atomic():
