@@ -96,6 +96,8 @@ class Session(BaseModel):
         indexes = (
             (("org_id", "user_id", "uid"), True),
             (("org_id", "updated_at"), False),
+            # GET /runs?sessionId= for an organisation-wide token, which names no user.
+            (("org_id", "uid"), False),
         )
 
 

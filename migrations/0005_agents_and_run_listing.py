@@ -6,7 +6,8 @@
 - ``run.agent_version``: the version of such an agent the run ran (null for the agents file's
   and Python's agents); ``run.output``: the parsed answer of a run with structured output.
 - Indexes for GET /runs, newest first within an organisation, optionally a user or a status.
-  ``run(org_id, status, created_at)`` replaces ``run(org_id, status)``, which it covers.
+  ``run(org_id, status, created_at)`` replaces ``run(org_id, status)``, which it covers;
+  ``session(org_id, uid)`` finds a session by its public id for an organisation-wide token.
 """
 
 import datetime
@@ -44,11 +45,13 @@ def up(migrator, db):
         migrator.add_index("run", ("org_id", "status", "created_at"), False),
         migrator.add_index("run", ("org_id", "created_at"), False),
         migrator.add_index("run", ("org_id", "user_id", "created_at"), False),
+        migrator.add_index("session", ("org_id", "uid"), False),
     )
 
 
 def down(migrator, db):
     migrator.migrate(
+        migrator.drop_index("session", "session_org_id_uid"),
         migrator.drop_index("run", "run_org_id_user_id_created_at"),
         migrator.drop_index("run", "run_org_id_created_at"),
         migrator.drop_index("run", "run_org_id_status_created_at"),
