@@ -244,6 +244,18 @@ def build_document(app: Flask) -> dict[str, Any]:
     definition = {
         "$ref": "#/components/schemas/AgentDefinition",
     }
+
+    def agent_change(operation_id: str, summary: str, body: Any) -> dict[str, Any]:
+        return _operation(
+            operation_id=operation_id,
+            summary=summary,
+            tag="agents",
+            body=body,
+            parameters=[if_match],
+            errors=(*BODY_ERRORS, 404, 409, 412),
+            responses={200: {**_json_response("The agent.", AgentDetailSchema), "headers": etag}},
+        )
+
     patch_body = {
         "type": "object",
         "description": "A JSON Merge Patch (RFC 7386) of the agent's definition: keys set "
@@ -324,27 +336,15 @@ def build_document(app: Flask) -> dict[str, Any]:
                 errors=(404,),
                 responses={200: _json_response("The agent.", AgentDetailSchema)},
             ),
-            "put": _operation(
-                operation_id="replace_agent",
-                summary="Store a new version of your organisation's agent (scope admin).",
-                tag="agents",
-                body=definition,
-                parameters=[if_match],
-                errors=(*BODY_ERRORS, 404, 409, 412),
-                responses={
-                    200: {**_json_response("The agent.", AgentDetailSchema), "headers": etag}
-                },
+            "put": agent_change(
+                "replace_agent",
+                "Store a new version of your organisation's agent (scope admin).",
+                definition,
             ),
-            "patch": _operation(
-                operation_id="patch_agent",
-                summary="Change your organisation's agent by a merge patch (scope admin).",
-                tag="agents",
-                body=patch_body,
-                parameters=[if_match],
-                errors=(*BODY_ERRORS, 404, 409, 412),
-                responses={
-                    200: {**_json_response("The agent.", AgentDetailSchema), "headers": etag}
-                },
+            "patch": agent_change(
+                "patch_agent",
+                "Change your organisation's agent by a merge patch (scope admin).",
+                patch_body,
             ),
             "delete": _operation(
                 operation_id="delete_agent",
