@@ -26,8 +26,13 @@ EXAMPLE_MESSAGE = '{"message": "What is the current NVDA stock price?"}'
 
 def _create_app():
     from . import create_app
+    from .db import DatabaseUnavailable
 
-    return create_app({"AGENT_RUNS_LOAD_MODELS_ON_START": False})
+    try:
+        return create_app({"AGENT_RUNS_LOAD_MODELS_ON_START": False})
+    except DatabaseUnavailable as error:
+        # A wrong URL or a database out of reach: one line that says so, not a traceback.
+        raise click.ClickException(str(error)) from None
 
 
 cli = FlaskGroup(
@@ -130,6 +135,21 @@ def revoke_token_command(token_id: int) -> None:
     if not updated:
         raise click.ClickException(f"No active token with id {token_id}.")
     click.echo(f"Revoked token {token_id}.")
+
+
+db = AppGroup("db", help="Manage the database.")
+cli.add_command(db)
+
+
+@db.command("upgrade")
+def db_upgrade_command() -> None:
+    """Apply the migrations the database lacks (for AGENT_RUNS_MIGRATE_ON_START off)."""
+    from .db import migrate
+
+    applied = migrate()
+    for name in applied:
+        click.echo(f"Applied {name}.")
+    click.echo("The database is up to date." if not applied else f"{len(applied)} applied.")
 
 
 @cli.command("agents")

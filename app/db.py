@@ -1,4 +1,10 @@
-"""The database: one proxy for the whole package, connected by URL, migrated on start."""
+"""The database: one proxy for the whole package, connected by URL, migrated on start.
+
+SQLite (a file in WAL mode) serves one host; PostgreSQL (``postgresql://...``, the
+``postgres`` extra) serves many workers on many hosts, through psycopg 3, whose waits go
+through gevent's hub once gevent has patched the process (psycopg2's C calls would stop
+the whole worker for every query).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +19,10 @@ from typing import Any, NamedTuple
 import peewee
 from gevent import monkey
 from playhouse.db_url import connect as connect_url
+from playhouse.db_url import parse as parse_url
 from playhouse.db_url import schemes as db_url_schemes
 from playhouse.migrations import Runner
+from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -39,28 +47,112 @@ SQLITE_PRAGMAS = {
 }
 
 
+POSTGRES_SCHEMES = ("postgres", "postgresql")
+
+# What a database that went away raises: requests answer 503 and streams wait for it.
+DATABASE_DOWN = (peewee.OperationalError, peewee.InterfaceError, MaxConnectionsExceeded)
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The configured database cannot be opened or reached; the message says why."""
+
+
+class PostgresDatabase(PooledPostgresqlDatabase):
+    """PostgreSQL through psycopg 3, with a bounded pool of connections per worker.
+
+    The pool waits for a free connection on a condition of the threading module, which
+    gevent patches: a greenlet waiting for one yields to the others. Two changes to peewee's
+    pool: it asked the server (SELECT 1) whether every connection it handed out was still
+    alive, a round trip per request, where psycopg knows a connection is broken once a
+    statement on it failed; and a broken connection means the server most likely restarted,
+    so the idle ones, opened before, are closed rather than handed out to fail in turn.
+    """
+
+    def _is_closed(self, conn: Any) -> bool:
+        return bool(conn.closed or conn.broken)
+
+    def _close(self, conn: Any, close_conn: bool = False) -> None:
+        broken = conn.broken
+        super()._close(conn, close_conn)
+        if broken:
+            self.close_idle()
+
+
+def is_postgres() -> bool:
+    """Whether the package's database is PostgreSQL."""
+    return isinstance(database.obj, peewee.PostgresqlDatabase)
+
+
+def describe_url(url: str) -> str:
+    """The database URL without its password, to name it in messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _open_postgres(url: str, pool_size: int) -> peewee.Database:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise DatabaseUnavailable(
+            f"{describe_url(url)} is a PostgreSQL database, whose driver is not installed: "
+            "pip install 'agent-runs[postgres]'."
+        ) from None
+    _, _, rest = url.partition("://")
+    params = parse_url(f"postgresql://{rest}")
+    name = params.pop("database")
+    # connect_timeout: an unreachable server is an error within seconds, not a hang.
+    params.setdefault("connect_timeout", 10)
+    return PostgresDatabase(
+        name, max_connections=pool_size, stale_timeout=300, timeout=30, **params
+    )
+
+
 def open_database(url: str, pool_size: int = 32) -> peewee.Database:
     """Create (not connect) the database named by ``url`` and bind the package's proxy to it.
 
     Connections come from a pool: requests, runs and the event writer each hold one only for
     a few statements, thousands of times a second, and opening one (with its pragmas) costs
-    far more than the statements themselves.
+    far more than the statements themselves. ``pool_size`` bounds each worker's connections.
     """
     scheme, _, rest = url.partition("://")
+    previous = database.obj
+    if previous is not None and hasattr(previous, "close_all"):
+        previous.close_all()
+    if scheme.removesuffix("+pool") in POSTGRES_SCHEMES:
+        db = _open_postgres(url, pool_size)
+        db.autoconnect = False
+        database.initialize(db)
+        return db
     kwargs: dict = {}
     if "+pool" not in scheme and f"{scheme}+pool" in db_url_schemes:
         url = f"{scheme}+pool://{rest}"
         kwargs.update(max_connections=pool_size, stale_timeout=300, timeout=30)
     if scheme.startswith("sqlite"):
         kwargs["pragmas"] = SQLITE_PRAGMAS
-    previous = database.obj
-    if previous is not None and hasattr(previous, "close_all"):
-        previous.close_all()
-    db = connect_url(url, **kwargs)
+    try:
+        db = connect_url(url, **kwargs)
+    except RuntimeError as error:  # an unknown scheme
+        raise DatabaseUnavailable(f"AGENT_RUNS_DATABASE_URL {url!r}: {error}") from None
     # Connections are taken and given back explicitly: per request, per run step, per flush.
     db.autoconnect = False
     database.initialize(db)
     return db
+
+
+def check_database(url: str) -> None:
+    """Connect once; raise DatabaseUnavailable naming the database and what went wrong."""
+    try:
+        with database.connection_context():
+            database.execute_sql("SELECT 1")
+    except peewee.DatabaseError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DatabaseUnavailable(
+            f"Cannot use the database {describe_url(url)}: {reason}"
+        ) from None
 
 
 def sqlite_path() -> str | None:

@@ -16,7 +16,7 @@ from flask import Flask
 
 from . import config as config_module
 from .auth import JWTSettings
-from .db import database, migrate, open_database
+from .db import check_database, database, migrate, open_database
 from .limits import RateLimiter
 from .runtime.agent_store import AgentCatalog
 from .runtime.agents import AgentRegistry
@@ -24,6 +24,7 @@ from .runtime.delivery import DeliverySettings, WebhookDeliverer
 from .runtime.executor import Executor, ExecutorSettings
 from .runtime.mcp import McpSettings
 from .runtime.store import sweep_expired_runs
+from .runtime.watch import watcher_for
 from .runtime.webhooks import WebhookPolicy
 from .schemas import BatchStatusQuerySchema, RunRequestSchema
 
@@ -83,7 +84,11 @@ class AgentRuns:
             if not os.environ.get("AGENT_RUNS_SERVE_ANNOUNCED"):
                 logger.info(config_module.NO_EMBEDDED_MODEL)
 
-        open_database(settings["AGENT_RUNS_DATABASE_URL"], settings["AGENT_RUNS_DB_POOL_SIZE"])
+        url = settings["AGENT_RUNS_DATABASE_URL"]
+        open_database(url, settings["AGENT_RUNS_DB_POOL_SIZE"])
+        # A wrong URL or a database out of reach is said now, in one line, not at the first
+        # request.
+        check_database(url)
         webhook_policy = WebhookPolicy(
             allow_http=settings["AGENT_RUNS_WEBHOOK_ALLOW_HTTP"],
             allow_private=settings["AGENT_RUNS_WEBHOOK_ALLOW_PRIVATE"],
@@ -122,6 +127,7 @@ class AgentRuns:
             ),
             # The outbox's deliverer lives and stops with the worker's other services.
             services=[deliverer.run],
+            watcher=watcher_for(url, settings["AGENT_RUNS_POLL_INTERVAL"]),
         )
         if settings["AGENT_RUNS_MIGRATE_ON_START"]:
             migrate()

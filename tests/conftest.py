@@ -1,4 +1,8 @@
-"""Fixtures: an application on a fresh SQLite file, its test client, a token, a live server.
+"""Fixtures: an application on a fresh database, its test client, a token, a live server.
+
+Tests run on SQLite; a module marked ``pytestmark = BOTH_DATABASES`` runs each of its tests
+that use a database on PostgreSQL too (a throwaway cluster, see tests/pg.py), and a test
+that needs PostgreSQL fails, never skips, when there is none.
 
 The standalone server runs under gunicorn's gevent worker, which monkey-patches the standard
 library before loading the app; the tests patch it the same way, first thing, so greenlets,
@@ -24,11 +28,43 @@ from agent_runs.auth import create_token  # noqa: E402
 from agent_runs.db import database  # noqa: E402
 from agent_runs.runtime.agents import unregister_agent  # noqa: E402
 
+from .pg import PostgresCluster, PostgresMissing  # noqa: E402
 from .server import GunicornServer  # noqa: E402
+
+DATABASES = ("sqlite", "postgresql")
+# Mark a module with this to run its tests on both databases.
+BOTH_DATABASES = pytest.mark.databases(*DATABASES)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "databases(*kinds): run the tests on each database (sqlite, postgresql)"
+    )
+
+
+def pytest_generate_tests(metafunc):
+    marker = metafunc.definition.get_closest_marker("databases")
+    if marker is not None and "database_url" in metafunc.fixturenames:
+        metafunc.parametrize("database_url", marker.args, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The tests' PostgreSQL server: a cluster of their own, or AGENT_RUNS_TEST_POSTGRES_URL."""
+    cluster = PostgresCluster()
+    try:
+        cluster.__enter__()
+    except PostgresMissing as missing:
+        pytest.fail(str(missing), pytrace=False)
+    yield cluster
+    cluster.__exit__(None, None, None)
 
 
 @pytest.fixture
-def database_url(tmp_path):
+def database_url(request, tmp_path):
+    """A new empty database: a SQLite file, or a PostgreSQL database for ``[postgresql]``."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        return request.getfixturevalue("postgres").new_database()
     return f"sqlite:///{tmp_path / 'agent_runs.sqlite3'}"
 
 

@@ -10,10 +10,12 @@ import pytest
 import agent_runs
 from agent_runs.db import database
 from agent_runs.models import Run, RunEvent, RunStatus, Session
-from agent_runs.runtime.store import sweep_expired_runs
+from agent_runs.runtime.store import request_cancel, sweep_expired_runs
 
-from .conftest import make_token
+from .conftest import BOTH_DATABASES, make_token
 from .sse import parse_stream
+
+pytestmark = BOTH_DATABASES
 
 BASE = "/api/agents"
 
@@ -169,7 +171,7 @@ def test_cancel_requested_through_the_database_is_picked_up(client, auth, agents
     agent = agents("remote", model_options={"delay": 0.05, "content_deltas": 100})
     response, chunks, _, run_id = start_stream(client, auth, agent)
     with database.connection_context():
-        Run.update(cancel_requested=True).where(Run.id == run_id).execute()
+        request_cancel(run_id)
     rest = parse_stream("".join(chunk.decode() for chunk in chunks))
     assert json.loads(rest[-1]["data"]) == {"reason": "cancelled"}
 

@@ -15,8 +15,10 @@ from agent_runs.auth import create_token
 from agent_runs.db import database
 from agent_runs.runtime.agents import unregister_agent
 
-from .conftest import make_token
+from .conftest import BOTH_DATABASES, make_token
 from .sse import parse_stream
+
+pytestmark = BOTH_DATABASES
 
 
 def token_with(**kwargs):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, g, request
 
 from ..auth import authenticate, require_scope
-from ..db import database
+from ..db import DATABASE_DOWN, database
 from ..errors import problem, register_error_handlers
 from ..runtime.agent_store import AgentConflict
 from ..runtime.agents import AgentDefinitionError
@@ -23,6 +23,19 @@ register_error_handlers(bp)
 @bp.errorhandler(NotFound)
 def _not_found(error: NotFound) -> Response:
     return problem(404, error.message)
+
+
+def _database_down(error: Exception) -> Response:
+    current_app.logger.warning("the database is unavailable: %s", error)
+    return problem(
+        503,
+        "The database is unavailable right now. Try again shortly.",
+        headers={"Retry-After": "1"},
+    )
+
+
+for _error in DATABASE_DOWN:
+    bp.register_error_handler(_error, _database_down)
 
 
 @bp.errorhandler(TooManyActiveRuns)

@@ -212,11 +212,15 @@ class EventLog:
         self,
         flush_interval: float,
         record_endings: Callable[[list[Any]], None] = lambda endings: None,
+        announce: Callable[[dict[str, int]], None] = lambda latest: None,
     ) -> None:
         self.flush_interval = flush_interval
         # Writes the final state of runs whose last events are in the transaction, given
         # what end_run() was given for each.
         self.record_endings = record_endings
+        # Tells followers in other processes, in the transaction, the last seq written of
+        # each run in it.
+        self.announce = announce
         self._pending: collections.deque[_Pending] = collections.deque()
         self._lock = threading.Lock()
         self._writer: gevent.Greenlet | None = None
@@ -264,6 +268,7 @@ class EventLog:
                         self._record_endings(ended)
                         if loop_overdue():
                             break  # commit now: I/O waits for the loop
+                    self.announce({event.run_id: event.seq for event, _, _ in written})
             except BaseException:
                 # Keep everything for the next attempt rather than lose it.
                 self._pending.extendleft(reversed(written))
@@ -308,12 +313,21 @@ class EventLog:
                 logger.exception("recording the end of a run failed")
 
     def _write_forever(self) -> None:
+        # While the database is away, attempts back off to a second apart and the failure
+        # is logged once, not forty times a second.
+        failures = 0
         while True:
-            gevent.sleep(self.flush_interval)
+            gevent.sleep(min(self.flush_interval * 2**failures, max(self.flush_interval, 1.0)))
             try:
                 self.flush()
             except Exception:
-                logger.exception("writing run events failed; retrying")
+                if not failures:
+                    logger.exception("writing run events failed; retrying")
+                failures = min(failures + 1, 10)
+                continue
+            if failures:
+                logger.warning("writing run events works again")
+                failures = 0
             if not self._pending:
                 # Nothing left to write: stop until the next append starts a writer again.
                 gevent.sleep(self.flush_interval)

@@ -25,7 +25,7 @@ import gevent.event
 import gevent.pool
 import gevent.queue
 
-from ..db import WalCheckpointer, database, sqlite_path
+from ..db import DATABASE_DOWN, WalCheckpointer, database, sqlite_path
 from ..models import RunStatus, utcnow
 from ..providers.base import Provider, ProviderError
 from . import store
@@ -144,7 +144,11 @@ class Executor:
         # How runs executing elsewhere are followed and cancel requests heard.
         self.watcher = watcher or PollingWatcher(settings.poll_interval)
         self._extra_services = tuple(services)
-        self.log = EventLog(settings.flush_interval, record_endings=record_run_endings)
+        self.log = EventLog(
+            settings.flush_interval,
+            record_endings=record_run_endings,
+            announce=store.announce_events,
+        )
         self.active: dict[str, ActiveRun] = {}
         self.greenlets = gevent.pool.Group()
         self._background = gevent.pool.Pool(settings.max_background_runs)
@@ -203,11 +207,20 @@ class Executor:
             if active is not None and after + 1 >= active.channel.first_seq:
                 yield from active.channel.follow(after, ping_interval)
                 return
-            with database.connection_context():
-                # Status first: if the run had settled by then, every event it will ever
-                # have is already in the log, and an empty read means the stream is done.
-                settled = store.is_settled(run_id)
-                rows = store.read_events(run_id, after)
+            try:
+                with database.connection_context():
+                    # Status first: if the run had settled by then, every event it will ever
+                    # have is already in the log, and an empty read means the stream is done.
+                    settled = store.is_settled(run_id)
+                    rows = store.read_events(run_id, after)
+            except DATABASE_DOWN:
+                # The stream stays open (and pinged) while the database is away, and reads
+                # on from the last event it sent once it is back: nothing lost or repeated.
+                gevent.sleep(self.settings.poll_interval)
+                if clock.now() - quiet_since >= ping_interval:
+                    yield PING_FRAME
+                    quiet_since = clock.now()
+                continue
             for row in rows:
                 yield row.frame
                 after = row.seq
@@ -419,6 +432,7 @@ class Executor:
     def _keep(self) -> None:
         renew_every = self.settings.lease_seconds / 3
         last_renewal = last_prune = 0.0
+        failing = False
         while True:
             gevent.sleep(self.settings.poll_interval)
             try:
@@ -434,8 +448,14 @@ class Executor:
                         last_prune = now
                 if self._checkpointer is not None and (error := self._checkpointer.take_error()):
                     logger.warning("checkpointing the database's log failed: %s", error)
+                if failing:
+                    logger.warning("keeping runs alive works again")
+                    failing = False
             except Exception:
-                logger.exception("keeping runs alive failed; retrying")
+                # Told once while the database is away, not every poll interval.
+                if not failing:
+                    logger.exception("keeping runs alive failed; retrying")
+                failing = True
 
     def _cancel_requested(self, run_id: str) -> None:
         """Cancel a run of this worker that a request to another worker asked to stop."""

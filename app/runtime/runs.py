@@ -30,7 +30,9 @@ from .store import (
     cancelled_tool_message,
     close_run_log,
     lease_deadline,
+    lock_org_starts,
     release_session,
+    request_cancel,
     run_notice,
     save_messages,
 )
@@ -284,7 +286,8 @@ def start_run(
 
     ``max_active_runs`` caps the organisation's RUNNING and QUEUED runs (0: no cap). The
     count is taken inside the transaction that inserts the run, after its first write, so
-    on SQLite, whose writers take turns, two workers cannot both slip under the cap.
+    on SQLite, whose writers take turns, two workers cannot both slip under the cap; on
+    PostgreSQL the organisation's starts take turns on an advisory lock held to the commit.
 
     With ``idempotency``, the key is claimed first in that transaction: a key that already
     names a run of the same request returns that run, started by nobody again (see
@@ -313,6 +316,7 @@ def start_run(
                 return StartedRun(earlier, replayed=True)
         session_pk, new_session = _claim_session(principal, user_id, agent, uid, run_id)
         if max_active_runs:
+            lock_org_starts(principal.org_id)
             _check_active_runs(principal.org_id, max_active_runs)
         _INSERT_RUN.execute(
             id=run_id,
@@ -443,8 +447,9 @@ def continue_run(
 def cancel_run(executor: Executor, principal: Principal, agent_id: str, run_id: str) -> bool:
     """Ask a run to stop; False if it had already finished.
 
-    A run executing anywhere gets a cancel flag in the database, which its worker picks up
-    within a poll interval (at once if it executes here). A PAUSED run has no executor: it is
+    A run executing anywhere gets a cancel flag in the database, which its worker hears of
+    from its watcher: at once on PostgreSQL, within a poll interval on SQLite (and at once if
+    it executes here). A PAUSED run has no executor: it is
     cancelled on the spot.
     """
     run = get_run(principal, agent_id, run_id)
@@ -453,7 +458,7 @@ def cancel_run(executor: Executor, principal: Principal, agent_id: str, run_id: 
     if run.status == RunStatus.PAUSED:
         _cancel_paused(executor, run)
         return True
-    Run.update(cancel_requested=True).where(Run.id == run.id).execute()
+    request_cancel(run.id)
     executor.cancel(run.id)
     return True
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..db import Statement, database, insert_statement
+from ..db import Statement, database, insert_statement, is_postgres
 from ..models import Message, Run, RunEvent, RunStatus, Session, utcnow
 from .events import Event, EventType, now_ms, write_event
 from .outbox import RunNotice, enqueue_notices
@@ -25,6 +25,14 @@ from .outbox import RunNotice, enqueue_notices
 logger = logging.getLogger(__name__)
 
 LOST_MESSAGE = "The worker executing this run stopped; the run did not finish."
+
+# On PostgreSQL, the store tells every worker of every host what changed, on this channel
+# (see pg_watch): NOTIFY reaches the sessions of one database, so a server's database is its
+# channel. A payload is at most 8,000 bytes.
+NOTIFY_CHANNEL = "agent_runs"
+MAX_PAYLOAD = 7_900
+# The first key of the advisory locks that serialise the starts of one organisation's runs.
+ORG_LOCK_CLASS = 0x41520001
 
 
 def lease_deadline(seconds: float) -> datetime.datetime:
@@ -45,6 +53,54 @@ def renew_leases(run_ids: list[str], seconds: float) -> None:
     until = lease_deadline(seconds)
     for chunk in _chunks(run_ids):
         Run.update(lease_expires_at=until).where(Run.id.in_(chunk)).execute()
+
+
+def request_cancel(run_id: str) -> None:
+    """Flag a run to stop; the worker executing it, wherever it is, hears of it."""
+    with database.atomic():
+        Run.update(cancel_requested=True).where(Run.id == run_id).execute()
+        _notify("c", [run_id])
+
+
+def announce_events(latest: dict[str, int]) -> None:
+    """Tell followers elsewhere that runs have events up to these seqs (PostgreSQL).
+
+    Called in the transaction that wrote them: PostgreSQL delivers the notification when it
+    commits, never before the events can be read.
+    """
+    if latest:
+        _notify("e", [f"{run_id}:{seq}" for run_id, seq in latest.items()])
+
+
+def _notify(kind: str, items: list[str]) -> None:
+    """Send ``kind item item ...`` on the channel, in as few notifications as fit."""
+    if not is_postgres():
+        return  # SQLite's watcher polls
+    payloads: list[str] = []
+    current = kind
+    for item in items:
+        if len(current) + 1 + len(item) > MAX_PAYLOAD:
+            payloads.append(current)
+            current = kind
+        current += " " + item
+    payloads.append(current)
+    database.execute_sql(
+        "SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS payload",
+        (NOTIFY_CHANNEL, payloads),
+    )
+
+
+def lock_org_starts(org_id: str) -> None:
+    """Make the organisation's run starts take turns until this transaction ends.
+
+    So the count of its active runs that follows cannot be passed by a start committing
+    meanwhile: on PostgreSQL, a transaction-scoped advisory lock (its default isolation lets
+    two transactions each count the other's run out). SQLite's writers take turns already.
+    """
+    if is_postgres():
+        database.execute_sql(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ORG_LOCK_CLASS, org_id)
+        )
 
 
 def cancel_requested_ids() -> list[str]:
@@ -208,7 +264,9 @@ def close_run_log(run_id: str, type: str, data: str) -> None:
         .order_by(RunEvent.seq.desc())
         .first()
     )
-    write_event(Event(run_id, (last.seq if last else 0) + 1, type, data, now_ms()))
+    seq = (last.seq if last else 0) + 1
+    write_event(Event(run_id, seq, type, data, now_ms()))
+    announce_events({run_id: seq})
 
 
 def sweep_expired_runs() -> list[str]:

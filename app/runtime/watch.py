@@ -110,3 +110,18 @@ class PollingWatcher(RunWatcher):
                         on_cancel(run_id)
             except Exception:
                 logger.exception("reading cancel requests failed; retrying")
+
+
+def watcher_for(database_url: str, interval: float) -> RunWatcher:
+    """The watcher for the package's database: PostgreSQL's listens, SQLite's polls.
+
+    ``interval``: how often the poller reads (and PostgreSQL's followers, while its listener
+    is away).
+    """
+    from ..db import is_postgres
+
+    if is_postgres():
+        from .pg_watch import NotifyWatcher
+
+        return NotifyWatcher(database_url, interval)
+    return PollingWatcher(interval)
