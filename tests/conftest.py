@@ -60,6 +60,14 @@ def postgres():
     cluster.__exit__(None, None, None)
 
 
+def server_database(request) -> dict[str, str]:
+    """The settings of a server fixture parametrised with ``params=DATABASES``: a new
+    PostgreSQL database for ``postgresql``; nothing (its own SQLite file) for ``sqlite``."""
+    if request.param == "postgresql":
+        return {"AGENT_RUNS_DATABASE_URL": request.getfixturevalue("postgres").new_database()}
+    return {}
+
+
 @pytest.fixture
 def database_url(request, tmp_path):
     """A new empty database: a SQLite file, or a PostgreSQL database for ``[postgresql]``."""

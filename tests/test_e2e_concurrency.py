@@ -15,6 +15,7 @@ import time
 import pytest
 import requests
 
+from .conftest import DATABASES, server_database
 from .e2e_frames import Frame, assert_complete, content_of, parse_frames
 from .server import GunicornServer
 
@@ -35,12 +36,13 @@ agents:
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
 
-@pytest.fixture(scope="module")
-def paced_server(tmp_path_factory):
+@pytest.fixture(scope="module", params=DATABASES)
+def paced_server(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp("paced")
     agents_file = folder / "agents.yaml"
     agents_file.write_text(AGENTS_YAML, encoding="utf-8")
-    with GunicornServer(folder, env={"AGENT_RUNS_AGENTS_FILE": str(agents_file)}) as running:
+    env = {"AGENT_RUNS_AGENTS_FILE": str(agents_file), **server_database(request)}
+    with GunicornServer(folder, env=env) as running:
         yield running
 
 
@@ -202,20 +204,28 @@ def test_batch_status_reports_all_fifty_completed(paced_server, runs):
 
 
 def stored_events(server: GunicornServer, run_ids: list[str]) -> dict[str, list[Frame]]:
-    """Read the run_event rows of the server's SQLite file, read-only, beside the server."""
+    """Read the run_event rows of the server's database, beside the server (read-only)."""
     url = server.env["AGENT_RUNS_DATABASE_URL"]
-    assert url.startswith("sqlite:///"), url
-    path = url[len("sqlite:///") :]
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
-        placeholders = ",".join("?" * len(run_ids))
-        rows = connection.execute(
-            "SELECT run_id, seq, type, data, timestamp FROM run_event"
-            f" WHERE run_id IN ({placeholders}) ORDER BY run_id, seq",
-            run_ids,
-        ).fetchall()
-    finally:
-        connection.close()
+    query = (
+        "SELECT run_id, seq, type, data, timestamp FROM run_event"
+        " WHERE run_id IN ({}) ORDER BY run_id, seq"
+    )
+    if url.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(url) as connection:
+            rows = connection.execute(
+                query.format(",".join(["%s"] * len(run_ids))), run_ids
+            ).fetchall()
+    else:
+        assert url.startswith("sqlite:///"), url
+        path = url[len("sqlite:///") :]
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            placeholders = ",".join("?" * len(run_ids))
+            rows = connection.execute(query.format(placeholders), run_ids).fetchall()
+        finally:
+            connection.close()
     stored: dict[str, list[Frame]] = {run_id: [] for run_id in run_ids}
     for run_id, seq, type_, data, timestamp in rows:
         stored[run_id].append(Frame(seq, type_, data, timestamp))

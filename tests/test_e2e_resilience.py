@@ -35,6 +35,7 @@ import gevent.event
 import pytest
 import requests
 
+from .conftest import DATABASES, server_database
 from .e2e_frames import Frame, assert_complete, content_of, parse_frames
 from .e2e_tools import read_tool_log
 from .server import GunicornServer
@@ -67,6 +68,9 @@ agents:
   - id: slow
     description: Answers in sixty deltas, 50 ms apart.
     model_options: {delay: 0.05, content_deltas: 60}
+  - id: outage
+    description: Answers for twenty seconds, through a database outage.
+    model_options: {delay: 0.1, content_deltas: 200}
 """
 
 FINAL_STATUSES = {"COMPLETED", "FAILED", "CANCELLED"}
@@ -97,10 +101,11 @@ def serve(
         yield server
 
 
-@pytest.fixture(scope="module")
-def server2(tmp_path_factory):
+@pytest.fixture(scope="module", params=DATABASES)
+def server2(request, tmp_path_factory):
     """Two workers: cancels, continues and resumes may land on either."""
-    with serve(tmp_path_factory.mktemp("resilience"), workers=2) as server:
+    folder = tmp_path_factory.mktemp("resilience")
+    with serve(folder, workers=2, env=server_database(request)) as server:
         for worker in wait_for_workers(server, 2):
             # Both workers accept connections before the tests begin.
             open_on(server, lambda pid, worker=worker: pid == worker, timeout=30)[0].close()
@@ -549,15 +554,16 @@ def test_clients_killed_mid_stream_resume_with_exactly_the_missing_events(server
 LEASE_SECONDS = 2.0
 
 
-@pytest.fixture(scope="module")
-def crash(tmp_path_factory):
+@pytest.fixture(scope="module", params=DATABASES)
+def crash(request, tmp_path_factory):
     """One worker, 2 s leases; SIGKILL the worker while three runs of it are mid-way.
 
     A streamed run (its client reading), a background run and a synchronous one (its client
     waiting for the answer). Returns what the clients saw; the server stays up for the tests.
     """
     folder = tmp_path_factory.mktemp("crash")
-    with serve(folder, workers=1, env={"AGENT_RUNS_LEASE_SECONDS": str(LEASE_SECONDS)}) as server:
+    env = {"AGENT_RUNS_LEASE_SECONDS": str(LEASE_SECONDS), **server_database(request)}
+    with serve(folder, workers=1, env=env) as server:
         (victim,) = wait_for_workers(server, 1)
         session_id = str(uuid.uuid4())
         streamed = stream(server, "slow", {"message": "crash me", "sessionId": session_id})

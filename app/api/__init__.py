@@ -84,8 +84,10 @@ def _open_and_authenticate() -> None:
     state = current_app.extensions["agent_runs"]
     state.executor.ensure_started()
     request.max_content_length = state.config["AGENT_RUNS_MAX_CONTENT_LENGTH"]
-    g.agent_runs_db = database.connection_context()
-    g.agent_runs_db.__enter__()
+    connection = database.connection_context()
+    # Kept for the teardown only once open: a database that is away fails the enter (503).
+    connection.__enter__()
+    g.agent_runs_db = connection
     g.principal = authenticate(request.headers.get("Authorization"), state.jwt)
     require_scope(g.principal, "runs:read" if request.method in ("GET", "HEAD") else "runs:write")
     state.rate_limiter.check(g.principal.subject)
