@@ -312,17 +312,29 @@ def migrations_directory() -> str:
     return os.path.dirname(os.path.abspath(migrations.__file__))
 
 
+# The key of the advisory lock migrations take on PostgreSQL.
+MIGRATION_LOCK = 0x41520003
+
+
 def migrate() -> list[str]:
     """Apply every pending migration; return the names applied.
 
     Several gunicorn workers may start at once, each migrating: the loser of a race finds the
-    migration recorded (or its table present) and tries once more against the new state.
+    migration recorded (or its table present) and tries once more against the new state. On
+    PostgreSQL, whose DDL is transactional, racing creators of one table fail in other ways:
+    there, migrators of every host take turns on an advisory lock held by their connection.
     """
     runner = Runner(database.obj, directory=migrations_directory())
     for attempt in range(3):
         try:
             with database.connection_context():
-                applied = runner.up()
+                if is_postgres():
+                    database.execute_sql("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+                try:
+                    applied = runner.up()
+                finally:
+                    if is_postgres():
+                        database.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
             for name in applied:
                 logger.info("applied migration %s", name)
             return applied
