@@ -225,6 +225,7 @@ def _announce_first_token(bind: str) -> None:
 def _announce_embedded_model() -> None:
     """Load the agents' embedded models before the workers start, and say how it went."""
     from .config import NO_EMBEDDED_MODEL
+    from .providers.base import ProviderError
     from .providers.local import amx_opt_in, model_host, model_spec
     from .providers.local_host import CPU_AMX_NOTE
 
@@ -245,7 +246,7 @@ def _announce_embedded_model() -> None:
             announced.append(spec)
             hello = host.start([spec], lease=False)
             info = host.load(spec)
-        except ValueError as error:  # ProviderError is one too
+        except (ValueError, ProviderError) as error:
             if str(error) not in announced:
                 announced.append(str(error))
                 click.echo(

@@ -41,6 +41,7 @@ from agent_runs.providers.local_host import (  # noqa: E402
     extra_buffer_types,
 )
 
+SEED = 0xA6E  # the local provider's default
 INSTRUCTIONS = "You are a helpful assistant."
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 AGENTS = """
@@ -65,6 +66,7 @@ def direct_round(model, tokens: int) -> dict:
         stream=True,
         temperature=0.0,
         max_tokens=tokens,
+        seed=SEED,
     ):
         if chunk["choices"][0].get("delta", {}).get("content"):
             count += 1
@@ -191,7 +193,7 @@ def main() -> None:
                     model_path=spec["path"],
                     n_ctx=spec["n_ctx"],
                     n_threads=spec["n_threads"],
-                    seed=spec["seed"],
+                    seed=SEED,
                     verbose=False,
                 )
             rounds: dict[str, list[dict]] = {"direct": [], "server": []}

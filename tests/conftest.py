@@ -14,6 +14,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import os  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -21,6 +22,9 @@ import pytest  # noqa: E402
 # when the embedded model is installed (it would otherwise be the default); servers started
 # by the tests inherit this.
 os.environ.setdefault("AGENT_RUNS_DEFAULT_MODEL", "scripted")
+# The embedded model's host that the tests and their servers share is theirs alone: killing it
+# (as a test does) touches no other server or test session on the machine.
+os.environ.setdefault("AGENT_RUNS_MODEL_HOST_DIR", tempfile.mkdtemp(prefix="agent-runs-host-"))
 
 import agent_runs  # noqa: E402
 from agent_runs import create_app  # noqa: E402

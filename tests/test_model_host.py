@@ -229,3 +229,28 @@ def test_a_response_schema_holds_the_embedded_models_answer_to_it():
     assert set(answer) == {"city", "population", "coastal"}
     assert isinstance(answer["city"], str)
     assert isinstance(answer["population"], int) and isinstance(answer["coastal"], bool)
+
+
+def test_a_request_the_model_refuses_fails_at_once_and_the_host_lives_on():
+    from agent_runs.providers.local import ModelHostError
+
+    host = model_host()
+    spec = model_spec()
+    pid = host.start([spec], lease=False)["pid"]
+    started = time.monotonic()
+    with pytest.raises(ModelHostError, match="UndefinedError|TypeError|messages"):
+        list(host.chat(spec, {"messages": [1], "max_tokens": 4}))
+    # An answer, not the chunk timeout of a host that went silent.
+    assert time.monotonic() - started < 60
+    assert host.start(lease=False)["pid"] == pid
+
+
+def test_a_socket_folder_other_users_can_write_to_is_refused(tmp_path, monkeypatch):
+    from agent_runs.providers.local import ModelHost, ModelHostError
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("AGENT_RUNS_MODEL_HOST_DIR", str(shared))
+    with pytest.raises(ModelHostError, match="can be read or written by other users"):
+        ModelHost(allow_amx=False).start(lease=False)

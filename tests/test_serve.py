@@ -125,9 +125,19 @@ def test_serve_loads_the_embedded_model_before_its_workers_and_says_how(tmp_path
     assert output.index("Embedded model ") < output.index("Booting worker")
 
 
-def test_serve_names_a_model_file_that_is_no_gguf_once_and_serves_anyway(tmp_path):
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"hello", "{path} is not a GGUF model file"),
+        # Looks like one to the server; llama.cpp refuses it in the model's process.
+        (b"GGUF\x03\x00\x00\x00 truncated", "Failed to load model from file: {path}"),
+    ],
+)
+def test_serve_names_a_model_file_that_cannot_load_once_and_serves_anyway(
+    tmp_path, content, problem
+):
     not_a_model = tmp_path / "model.gguf"
-    not_a_model.write_text("hello")
+    not_a_model.write_bytes(content)
     env = {
         **os.environ,
         "AGENT_RUNS_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.sqlite3'}",
@@ -137,7 +147,8 @@ def test_serve_names_a_model_file_that_is_no_gguf_once_and_serves_anyway(tmp_pat
     }
     process, output, url = serve(tmp_path, env)
     try:
-        assert output.count(f"{not_a_model} is not a GGUF model file") == 1, output
+        said = "Error: the embedded model cannot run: " + problem.format(path=not_a_model)
+        assert output.count(said) == 1, output
         [token] = set(re.findall(r"ar_[A-Za-z0-9_-]{20,}", output))
         headers = {"Authorization": f"Bearer {token}", "Connection": "close"}
         agents = requests.get(f"{url}/api/agents", headers=headers, timeout=10).json()

@@ -31,11 +31,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
+import signal
 import socket
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -116,11 +120,15 @@ class ModelHost:
         self.allow_amx = allow_amx
         # The host's own code is part of its name: a host left running by an older checkout is
         # not asked to speak a protocol it may not know.
+        # llama-cpp-python's too: an upgrade gets a host that runs it.
         code = os.stat(local_host.__file__).st_mtime_ns
-        identity = f"{sys.prefix}|{os.path.abspath(local_host.__file__)}|{code}|{allow_amx}"
-        digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
-        folder = os.path.join(tempfile.gettempdir(), f"agent-runs-{os.getuid()}")
-        self.path = os.path.join(folder, f"model-{digest}.sock")
+        identity = "|".join(
+            (sys.prefix, os.path.abspath(local_host.__file__), str(code), _llama_version())
+        )
+        digest = hashlib.sha256(f"{identity}|{allow_amx}".encode()).hexdigest()[:16]
+        self.folder = host_folder()
+        self.path = os.path.join(self.folder, f"model-{digest}.sock")
+        self._folder_checked = False
         self.pid: int | None = None
         # What this process wants loaded: loaded again on a host this process starts.
         self.specs: dict[str, dict[str, Any]] = {}
@@ -159,15 +167,15 @@ class ModelHost:
         connection = self._connect({"op": "chat", "spec": spec, "args": args})
         try:
             connection.settimeout(CHUNK_TIMEOUT)
-            reader = connection.makefile("rb")
-            while True:
-                line = self._read(reader)
-                answer = json.loads(line)
-                if "error" in answer:
-                    raise ModelHostError(answer["error"])
-                if answer.get("done"):
-                    return
-                yield answer
+            with connection.makefile("rb") as reader:
+                while True:
+                    answer = json.loads(self._read(reader))
+                    if "error" in answer:
+                        raise ModelHostError(answer["error"])
+                    if answer.get("done"):
+                        return
+                    if not answer.get("waiting"):  # "waiting": its turn has not come yet
+                        yield answer
         finally:
             connection.close()
 
@@ -175,9 +183,13 @@ class ModelHost:
         try:
             line = reader.readline()
         except TimeoutError:
+            # A host that neither answers nor dies would hold every run that waits on it:
+            # killed, it is started again by the workers' leases.
+            with contextlib.suppress(OSError, TypeError):
+                os.kill(self.pid, signal.SIGKILL)  # type: ignore[arg-type]
             raise ModelCrashed(
                 f"The embedded model's process (pid {self.pid}) stopped answering for "
-                f"{CHUNK_TIMEOUT:.0f} s."
+                f"{CHUNK_TIMEOUT:.0f} s and was stopped; it is being started again."
             ) from None
         except OSError:
             line = b""
@@ -189,46 +201,71 @@ class ModelHost:
         return line
 
     def _request(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
-        connection = self._connect(request)
-        with connection:
+        with self._connect(request) as connection:
             connection.settimeout(timeout)
-            return dict(json.loads(self._read(connection.makefile("rb"))))
+            with connection.makefile("rb") as reader:
+                return dict(json.loads(self._read(reader)))
 
     def _connect(self, request: dict[str, Any]) -> socket.socket:
         """Open a connection to the host and send ``request``; start the host if it is gone."""
         for attempt in (1, 2):
-            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                connection.settimeout(START_TIMEOUT)
-                connection.connect(self.path)
-                connection.sendall(json.dumps(request).encode() + b"\n")
-                return connection
+                connection = self._open(START_TIMEOUT)
             except OSError:
-                connection.close()
                 if attempt == 2:
                     raise ModelHostError(
                         "The embedded model's process could not be reached."
                     ) from None
                 self._spawn()
+                continue
+            try:
+                connection.sendall(json.dumps(request).encode() + b"\n")
+            except OSError:
+                connection.close()
+                raise ModelCrashed(
+                    f"The embedded model's process (pid {self.pid}) closed the connection."
+                ) from None
+            return connection
         raise AssertionError("unreachable")
+
+    def _open(self, timeout: float) -> socket.socket:
+        """Connect to the host's socket; raise OSError if nothing listens there.
+
+        Prompts and answers pass through this socket, so its folder must be ours alone and
+        the process listening must run as our own user.
+        """
+        if not self._folder_checked:
+            _check_folder(self.folder)
+            self._folder_checked = True
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            connection.settimeout(timeout)
+            connection.connect(self.path)
+            pid, uid, _ = struct.unpack(
+                "3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            )
+        except OSError:
+            connection.close()
+            raise
+        if uid != os.getuid():
+            connection.close()
+            raise ModelHostError(f"{self.path} is served by another user (uid {uid}).")
+        self.pid = pid
+        return connection
 
     def _hello(self) -> dict[str, Any] | None:
         """Return the running host's hello, or None when no host answers."""
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-                connection.settimeout(START_TIMEOUT)
-                connection.connect(self.path)
+            with self._open(START_TIMEOUT) as connection:
                 connection.sendall(b'{"op":"hello"}\n')
-                line = connection.makefile("rb").readline()
-            hello = dict(json.loads(line))
+                with connection.makefile("rb") as reader:
+                    line = reader.readline()
+            return dict(json.loads(line))
         except (OSError, ValueError):
             return None
-        self.pid = hello.get("pid")
-        return hello
 
     def _spawn(self) -> dict[str, Any]:
         """Start the host, unless another process has just done so; return its hello."""
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         with _file_lock(self.path + ".lock", START_TIMEOUT):
             hello = self._hello()
             if hello is not None:
@@ -247,19 +284,25 @@ class ModelHost:
             ]
             if self.allow_amx:
                 argv.append("--allow-amx")
-            # Returns once the host has forked itself into a session of its own; it logs to
-            # this process's standard error, where the server's own log goes.
-            subprocess.run(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=30, check=False
+            # Returns once the host listens and has forked itself into a session of its own
+            # (or has failed to, or found another host alive); it logs to this process's
+            # standard error, where the server's own log goes.
+            started = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=60, check=False
             )
+            if started.returncode not in (0, local_host.EXIT_ALREADY_RUNNING):
+                raise ModelHostError(
+                    "The embedded model's process could not start (exit code "
+                    f"{started.returncode}; its reason is in the server's log)."
+                )
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline:
                 hello = self._hello()
                 if hello is not None:
-                    logger.info("started the embedded model's process (pid %s)", self.pid)
+                    logger.info("the embedded model's process is pid %s", self.pid)
                     return hello
                 time.sleep(0.05)
-        raise ModelHostError("The embedded model's process did not start.")
+        raise ModelHostError("The embedded model's process did not answer.")
 
     def _hold_lease(self) -> None:
         """Lease the host from now on (once per process), so it lives as long as we do."""
@@ -275,12 +318,12 @@ class ModelHost:
         while True:
             held_since = time.monotonic()
             try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-                    connection.connect(self.path)
+                with self._open(START_TIMEOUT) as connection:
                     connection.sendall(b'{"op":"lease"}\n')
+                    connection.settimeout(None)
                     while connection.recv(1024):
                         pass
-            except OSError:
+            except (OSError, ProviderError):
                 pass
             failures = 0 if time.monotonic() - held_since > 60 else failures + 1
             if failures > 1:
@@ -290,8 +333,41 @@ class ModelHost:
             )
             try:
                 self.start(lease=False)
-            except ProviderError as error:
+            except Exception as error:  # noqa: BLE001 - the lease must outlive any failure
                 logger.error("%s", error)
+
+
+def host_folder() -> str:
+    """Return the folder of the model host's socket (AGENT_RUNS_MODEL_HOST_DIR to choose)."""
+    chosen = os.environ.get("AGENT_RUNS_MODEL_HOST_DIR")
+    if chosen:
+        return chosen
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, "agent-runs")
+    return os.path.join(tempfile.gettempdir(), f"agent-runs-{os.getuid()}")
+
+
+def _check_folder(folder: str) -> None:
+    """Create the socket's folder, private; refuse one that another user could write to."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    status = os.lstat(folder)
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid():
+        raise ModelHostError(
+            f"{folder} is not a folder of this user's: the model host won't use it"
+        )
+    if status.st_mode & 0o077:
+        raise ModelHostError(
+            f"{folder} can be read or written by other users (mode {status.st_mode & 0o777:o}): "
+            "the model host won't use it"
+        )
+
+
+def _llama_version() -> str:
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 @contextlib.contextmanager
@@ -353,7 +429,6 @@ def model_spec(model: str = "", options: Mapping[str, Any] | None = None) -> dic
         "path": os.path.abspath(path),
         "n_ctx": int(options.get("n_ctx", 4096)),
         "n_threads": int(options.get("n_threads", os.cpu_count() or 1)),
-        "seed": int(options.get("seed", 0xA6E)),
     }
 
 
@@ -415,6 +490,7 @@ class LocalProvider:
         self.model = model
         self.options = dict(options)
         self.default_max_tokens = int(options.get("default_max_tokens", 512))
+        self.seed = int(options.get("seed", 0xA6E))
         self.tool_choice = str(options.get("tool_choice", "auto"))
         if self.tool_choice not in ("auto", "required"):
             raise ValueError("model_options.tool_choice must be 'auto' or 'required'")
@@ -476,6 +552,7 @@ class LocalProvider:
                 },
                 "temperature": request.temperature if request.temperature is not None else 0.2,
                 "max_tokens": 256,
+                "seed": self.seed,
             },
         )
         text = "".join(chunk["t"] for chunk in chunks)
@@ -505,6 +582,7 @@ class LocalProvider:
             "messages": messages,
             "temperature": request.temperature if request.temperature is not None else 0.7,
             "max_tokens": request.max_tokens or self.default_max_tokens,
+            "seed": self.seed,
         }
         if request.response_schema is not None:
             args["response_format"] = {"type": "json_object", "schema": request.response_schema}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -43,11 +44,16 @@ logger = logging.getLogger("agent_runs.model_host")
 
 GGUF_MAGIC = b"GGUF"
 # The arguments of create_chat_completion a client may set; everything else is the host's.
+# The longest request line the host reads (a conversation of the context's size is far less).
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+# How often a chat request waiting for its turn says so.
+WAITING_INTERVAL = 5.0
 CHAT_ARGUMENTS = frozenset({"messages", "temperature", "max_tokens", "response_format", "seed"})
-# Exit codes 3 and 4 mean "worker failed to boot" and "app failed to load" to a gunicorn
-# master, which stops the whole server when a child of its own exits with either (it reaps
-# every child, and an orphaned host can become its child when gunicorn is PID 1).
+# How the host's first process exits when it did not start: another host holds the lock, or
+# it could not listen. (Not 3 or 4: a gunicorn master that reaps an orphaned host, as PID 1 in
+# a container, takes those for a worker or app that failed to boot.)
 EXIT_ERROR = 1
+EXIT_ALREADY_RUNNING = 2
 
 
 CPU_AMX_NOTE = (
@@ -216,7 +222,6 @@ class Models:
                     model_path=path,
                     n_ctx=int(spec.get("n_ctx", 4096)),
                     n_threads=int(spec.get("n_threads") or os.cpu_count() or 1),
-                    seed=int(spec.get("seed", 0)),
                     verbose=False,
                 )
         except Exception as error:
@@ -253,18 +258,32 @@ class Host:
         self.requests = 0
         self.last_lease = time.monotonic()
         self.lock = threading.Lock()
+        self._lock_fd = -1
+        self._inode = 0
 
-    def serve(self, preload: list[dict[str, Any]]) -> None:
-        """Bind, start loading ``preload`` in the background, and answer until idle."""
+    def bind(self) -> socket.socket:
+        """Take the host lock and listen on the socket; raise OSError if either fails.
+
+        The lock (a file beside the socket, held for the host's whole life) is how a starter
+        tells a live host that is slow to answer from a dead one: only a dead host's socket
+        may be replaced.
+        """
+        self._lock_fd = os.open(self.path + ".host", os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # a dead host's: the live one would hold the lock
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if os.path.exists(self.path):
-            os.unlink(self.path)  # a dead host's; the starter holds the lock, no live one
         listener.bind(self.path)
         os.chmod(self.path, 0o600)
         listener.listen(128)
+        self._inode = os.stat(self.path).st_ino
+        return listener
+
+    def serve(self, listener: socket.socket, preload: list[dict[str, Any]]) -> None:
+        """Start loading ``preload`` in the background, and answer until idle."""
         for spec in preload:
             threading.Thread(target=self._preload, args=(spec,), daemon=True).start()
-        threading.Thread(target=self._exit_when_idle, args=(listener,), daemon=True).start()
+        threading.Thread(target=self._exit_when_idle, daemon=True).start()
         system = self.models.system()
         logger.info(
             "model host %d listening on %s; llama-cpp-python %s, llama.cpp CPU backend: %s",
@@ -286,7 +305,7 @@ class Host:
         except ValueError as error:
             logger.error("the model %s could not be loaded: %s", spec.get("path"), error)
 
-    def _exit_when_idle(self, listener: socket.socket) -> None:
+    def _exit_when_idle(self) -> None:
         while True:
             time.sleep(min(1.0, self.grace / 4))
             with self.lock:
@@ -295,14 +314,15 @@ class Host:
             if idle:
                 logger.info("model host %d: no server holds it, exiting", os.getpid())
                 with contextlib.suppress(OSError):
-                    os.unlink(self.path)
+                    if os.stat(self.path).st_ino == self._inode:  # still ours
+                        os.unlink(self.path)
                 os._exit(0)
 
     def _handle(self, connection: socket.socket) -> None:
-        with connection:
-            reader = connection.makefile("rb")
+        with connection, connection.makefile("rb") as reader:
+            op = None
             try:
-                line = reader.readline()
+                line = reader.readline(MAX_REQUEST_BYTES)
                 request = json.loads(line) if line else None
                 if not isinstance(request, dict):
                     return
@@ -321,9 +341,14 @@ class Host:
                         self.last_lease = max(self.last_lease, time.monotonic())
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client went away: a cancelled run
-            except ValueError as error:
+            except Exception as error:
+                # A bad request (ValueError), or llama-cpp-python refusing one (a chat
+                # template that fails on its messages): the run fails saying so, at once.
+                if not isinstance(error, ValueError):
+                    logger.exception("model host: a %s request failed", op)
+                message = str(error) if isinstance(error, ValueError) else repr(error)
                 with contextlib.suppress(OSError):
-                    connection.sendall(_line({"error": str(error)}))
+                    connection.sendall(_line({"error": message}))
 
     def _lease(self, connection: socket.socket, reader: Any) -> None:
         with self.lock:
@@ -344,7 +369,7 @@ class Host:
             yield {
                 "pid": os.getpid(),
                 "system": self.models.system(),
-                "models": self.models.status,
+                "models": dict(self.models.status),  # a copy: loads add to it meanwhile
             }
         elif op == "load":
             yield {"ok": True, "info": self.models.load(_spec(request))}
@@ -353,8 +378,8 @@ class Host:
             self.models.load(spec)
             model = self.models.loaded[spec_key(spec)]
             text = str(request.get("text", "")).encode("utf-8")
-            with self.models.generating:
-                count = len(model.tokenize(text, add_bos=False))
+            # Tokenizing reads only the vocabulary: it need not wait for a generation.
+            count = len(model.tokenize(text, add_bos=False))
             yield {"ok": True, "count": count}
         elif op == "chat":
             yield from self._chat(request, connection)
@@ -369,7 +394,11 @@ class Host:
         if not isinstance(args, dict) or not isinstance(args.get("messages"), list):
             raise ValueError("chat needs args.messages")
         arguments = {k: v for k, v in args.items() if k in CHAT_ARGUMENTS}
-        with self.models.generating:
+        # One generation at a time: while this one waits its turn, the client hears that it
+        # does, so that a long queue is not taken for a host that stopped answering.
+        while not self.models.generating.acquire(timeout=WAITING_INTERVAL):
+            yield {"waiting": True}
+        try:
             if _closed(connection):
                 return  # cancelled while it waited its turn
             chunks = model.create_chat_completion(stream=True, **arguments)
@@ -382,6 +411,8 @@ class Host:
                     }
             finally:
                 chunks.close()
+        finally:
+            self.models.generating.release()
         yield {"done": True}
 
 
@@ -415,28 +446,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allow-amx", action="store_true", help="repack weights for AMX too")
     parser.add_argument("--detach", action="store_true", help="fork into a new session")
     args = parser.parse_args(argv)
-    if args.detach:
-        # The starter waits for this first process to exit; the host itself is then nobody's
-        # child but init's, and no worker's exit or reaping touches it.
-        if os.fork():
-            os._exit(0)
-        os.setsid()
     logging.basicConfig(
         level=logging.INFO,
         format="[%(asctime)s] [%(process)d] [%(levelname)s] model host: %(message)s",
         stream=sys.stderr,
     )
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     try:
         preload = json.loads(args.preload)
     except ValueError:
         preload = []
     host = Host(args.socket, Models(allow_amx=args.allow_amx), grace=args.grace)
+    # Bound before it detaches, so the starter learns from the exit code whether the host
+    # listens, another one already does, or it cannot (the reason is in the log).
     try:
-        host.serve([spec for spec in preload if isinstance(spec, dict)])
+        listener = host.bind()
+    except BlockingIOError:
+        sys.exit(EXIT_ALREADY_RUNNING)
     except OSError as error:
         logger.error("cannot listen on %s: %s", args.socket, error)
         sys.exit(EXIT_ERROR)
+    if args.detach:
+        # The starter waits for this first process to exit; the host itself is then nobody's
+        # child but init's, and no worker's exit or reaping touches it. The lock and the
+        # listening socket go with it.
+        if os.fork():
+            os._exit(0)
+        os.setsid()
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    host.serve(listener, [spec for spec in preload if isinstance(spec, dict)])
 
 
 if __name__ == "__main__":
