@@ -245,6 +245,20 @@ def agents_file(
     return path
 
 
+def bench_token(env: dict[str, str], folder: Path) -> str:
+    """Create a token for organisation "bench" in the server's database; return its secret."""
+    created = subprocess.run(
+        [sys.executable, "-m", "agent_runs", "tokens", "create", "--org", "bench"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=folder,
+    )
+    return created.stdout.strip().splitlines()[-1]
+
+
 class Server:
     """``with Server(target, folder, ...) as server:`` runs one gunicorn until the block ends.
 
@@ -300,16 +314,7 @@ class Server:
                 self.env["AGENT_RUNS_AGENTS_FILE"] = str(
                     agents_file(self.folder, self.paced, self.fast, self.model, base_url)
                 )
-                created = subprocess.run(
-                    [sys.executable, "-m", "agent_runs", "tokens", "create", "--org", "bench"],
-                    env=self.env,
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                    check=True,
-                    cwd=self.folder,
-                )
-                self.token = created.stdout.strip().splitlines()[-1]
+                self.token = bench_token(self.env, self.folder)
             argv = [sys.executable, "-m", "gunicorn", "--config", str(GUNICORN_CONF)]
             for name, value in GUNICORN_SETTINGS.items():
                 # keepalive is --keep-alive on gunicorn's command line
