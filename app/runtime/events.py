@@ -213,6 +213,7 @@ class EventLog:
         flush_interval: float,
         record_endings: Callable[[list[Any]], None] = lambda endings: None,
         announce: Callable[[dict[str, int]], None] = lambda latest: None,
+        count_events: Callable[[collections.Counter[str]], None] | None = None,
     ) -> None:
         self.flush_interval = flush_interval
         # Writes the final state of runs whose last events are in the transaction, given
@@ -221,6 +222,9 @@ class EventLog:
         # Tells followers in other processes, in the transaction, the last seq written of
         # each run in it.
         self.announce = announce
+        # Told how many events of each type every transaction committed (once per batch,
+        # not per event: metrics count events this way).
+        self.count_events = count_events
         self._pending: collections.deque[_Pending] = collections.deque()
         self._lock = threading.Lock()
         self._writer: gevent.Greenlet | None = None
@@ -276,6 +280,8 @@ class EventLog:
             publish(written)
             for ending in endings:
                 ending.done()
+            if self.count_events is not None:
+                self.count_events(collections.Counter(event.type for event, _, _ in written))
             return bool(self._pending)
 
     def _take_chunk(self, events: int, endings: int) -> list[_Pending]:

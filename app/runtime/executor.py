@@ -34,6 +34,7 @@ from .events import PING_FRAME, Event, EventLog, EventType, RunChannel, json_dat
 from .idempotency import prune_keys
 from .loop import AgentLoop, InvalidOutput, RunCancelled, RunPaused, Usage
 from .mcp import McpClients, McpSettings, McpToolbox
+from .observe import NO_RUN, RunInfo, RunObserver, RunWatch
 from .outbox import RunNotice
 from .store import (
     RunEnding,
@@ -88,6 +89,11 @@ class RunJob:
     # Headers for the agent's MCP servers that the run's caller sent, by server name: held
     # here only, never written to the run's record or its events.
     mcp_headers: dict[str, dict[str, str]] | None = None
+    # What the run runs on and where it comes from, for those who watch runs (see
+    # observe): the model as the run records it ("provider:model"), and the W3C trace
+    # context of the request that started it.
+    model_id: str = ""
+    trace_context: dict[str, str] | None = None
 
 
 @dataclass
@@ -101,6 +107,9 @@ class ActiveRun:
     cancelled: bool = False
     # True while the loop runs: only then may a cancel interrupt the greenlet where it waits.
     in_loop: bool = False
+    watch: RunWatch = NO_RUN
+    # Until the run emits its first event after START (the watch is told of it).
+    awaiting_first_event: bool = True
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
@@ -137,17 +146,21 @@ class Executor:
         settings: ExecutorSettings,
         watcher: RunWatcher | None = None,
         services: Sequence[Callable[[], None]] = (),
+        observer: RunObserver | None = None,
     ) -> None:
         """``services``: more of the worker's background loops, started and stopped with
-        the executor's own (each runs in a greenlet until it is killed)."""
+        the executor's own (each runs in a greenlet until it is killed); ``observer``: who
+        watches its runs (see observe)."""
         self.settings = settings
         # How runs executing elsewhere are followed and cancel requests heard.
         self.watcher = watcher or PollingWatcher(settings.poll_interval)
         self._extra_services = tuple(services)
+        self.observer = observer or RunObserver()
         self.log = EventLog(
             settings.flush_interval,
             record_endings=record_run_endings,
             announce=store.announce_events,
+            count_events=self.observer.events_written if self.observer.counts_events else None,
         )
         self.active: dict[str, ActiveRun] = {}
         self.greenlets = gevent.pool.Group()
@@ -195,8 +208,12 @@ class Executor:
         more. The stream ends once the run has ended or paused and every event is sent: a run
         that paused and went on replays through its pause's STOP to its end.
         """
-        with self.watcher.watch(run_id) as watch:
-            yield from self._follow(run_id, after, watch)
+        self.observer.stream_opened()
+        try:
+            with self.watcher.watch(run_id) as watch:
+                yield from self._follow(run_id, after, watch)
+        finally:
+            self.observer.stream_closed()
 
     def _follow(self, run_id: str, after: int, watch: Watch) -> Iterator[bytes]:
         clock = gevent.get_hub().loop
@@ -268,13 +285,36 @@ class Executor:
 
     # Executing --------------------------------------------------------------------------
 
-    def _emit(self, channel: RunChannel, type: str, data: str) -> None:
-        self.log.append(channel.make_event(type, data), channel)
+    def _emit(self, active: ActiveRun, type: str, data: str) -> None:
+        if active.awaiting_first_event:
+            active.awaiting_first_event = False
+            active.watch.first_event()
+        self.log.append(active.channel.make_event(type, data), active.channel)
+
+    def _watch(self, active: ActiveRun) -> RunWatch:
+        """Tell the observer that the run begins executing; return its watch."""
+        job = active.job
+        active.watch = self.observer.run_started(
+            RunInfo(
+                run_id=job.run_id,
+                session_id=job.session_uid,
+                org_id=job.org_id,
+                agent_id=job.agent.id,
+                agent_name=job.agent.name,
+                model_id=job.model_id,
+                provider=job.model_id.partition(":")[0],
+                model=job.model,
+                resumed=job.first_seq > 1,
+                trace_context=job.trace_context,
+            )
+        )
+        return active.watch
 
     def _execute(self, active: ActiveRun, queued: bool = False) -> None:
         # The run holds a database connection only while it reads or writes: thousands of
         # runs may be streaming at once, each mostly waiting on its model.
         job = active.job
+        watch = self._watch(active)
         if queued and not active.cancelled:
             with database.connection_context():
                 store.mark_started(job.run_id)
@@ -282,7 +322,7 @@ class Executor:
             agent=job.agent,
             provider=job.provider,
             model=job.model,
-            emit=lambda type, data: self._emit(active.channel, type, data),
+            emit=lambda type, data: self._emit(active, type, data),
             is_cancelled=lambda: active.cancelled,
             step_aside=step_aside,
             temperature=job.temperature,
@@ -294,6 +334,7 @@ class Executor:
             else None,
             max_result_chars=self.settings.max_tool_result_chars,
             response_schema=job.response_schema,
+            watch=watch,
         )
         _restore(loop, job.prior)
         try:
@@ -332,7 +373,9 @@ class Executor:
         except Exception as exc:
             logger.exception("run %s failed", job.run_id)
             message = f"The run failed: {type(exc).__name__}."
-            return Outcome(RunStatus.FAILED, EventType.ERROR, message, "internal_error")
+            return Outcome(
+                RunStatus.FAILED, EventType.ERROR, message, "internal_error", exception=exc
+            )
         # STOP's data is "" as the seed shows; a run that asked for followups gets them there,
         # with the run's token usage beside them.
         data = ""
@@ -401,6 +444,13 @@ class Executor:
             self.active.pop(job.run_id, None)
             active.done.set()
 
+        active.watch.ended(
+            outcome.status,
+            result["usage"],
+            outcome.error_type,
+            result["error"],
+            outcome.exception,
+        )
         event = active.channel.make_event(outcome.type, outcome.data)
         self.log.end_run(event, active.channel, ending, done)
 
@@ -440,7 +490,7 @@ class Executor:
                     now = gevent.get_hub().loop.now()
                     if now - last_renewal >= renew_every:
                         self._renew_leases()
-                        sweep_expired_runs()
+                        sweep_expired_runs(self.observer)
                         last_renewal = now
                     if now - last_prune >= PRUNE_EVERY:
                         prune_events(self.settings.retention_days)
@@ -486,6 +536,9 @@ class Executor:
                         AgentLoop(active.job.agent, active.job.provider, "", lambda t, d: None),
                         Outcome(RunStatus.FAILED, EventType.ERROR, SHUTDOWN_MESSAGE, "worker_lost"),
                     )
+                    self.observer.run_closed(
+                        active.job.run_id, active.job.agent.id, RunStatus.FAILED, EventType.ERROR
+                    )
             self.log.flush()
         finally:
             for greenlet in self._services:
@@ -509,6 +562,8 @@ class Outcome:
     error_type: str | None = None
     required_action: dict[str, Any] | None = None
     pending_calls: list[dict[str, Any]] | None = None
+    # What broke a run that failed in a way nobody expected.
+    exception: BaseException | None = None
 
 
 def usage_view(usage: Usage) -> dict[str, int]:

@@ -7,11 +7,12 @@ produced so far on itself, so a run that is cancelled or fails still has its par
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from ..providers.base import (
     FinishDelta,
     ModelRequest,
     Provider,
+    ProviderError,
     ReasoningDelta,
     ToolCallDelta,
     ToolSpec,
@@ -32,6 +34,7 @@ from ..providers.base import (
 from .agents import Agent, Tool
 from .events import EventType, json_data
 from .mcp import McpTool, McpToolbox
+from .observe import NO_CALL, NO_RUN, RunWatch
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +155,8 @@ class AgentLoop:
     max_result_chars: int = 100_000
     # A JSON Schema the final answer must be valid against (structured output), or None.
     response_schema: dict[str, Any] | None = None
+    # Told of each model call and tool call (see observe).
+    watch: RunWatch = NO_RUN
 
     content: list[str] = field(default_factory=list)
     reasoning_steps: list[str] = field(default_factory=list)
@@ -165,6 +170,8 @@ class AgentLoop:
     # With a response schema, the model's text is held here until it proves to be a valid
     # answer: a stream never carries an answer that fails validation, or a retry's repeat.
     _held: list[str] | None = None
+    # Why the model call in progress finished, as its back end said.
+    finish_reason: str | None = None
 
     @property
     def answer(self) -> str:
@@ -304,10 +311,12 @@ class AgentLoop:
         pending: dict[int, _PendingCall] = {}
         if self.response_schema is not None:
             self._held = []
-        # closing(): a cancelled run closes the back end's stream (and its HTTP response) now.
-        with closing(self.provider.stream(request)) as deltas:
-            for delta in deltas:
-                self._consume(delta, text, reasoning, pending)
+        with self._watching_model(request):
+            # closing(): a cancelled run closes the back end's stream (and its HTTP
+            # response) now.
+            with closing(self.provider.stream(request)) as deltas:
+                for delta in deltas:
+                    self._consume(delta, text, reasoning, pending)
         if pending and self._held:
             # Text next to tool calls is the model thinking aloud, not the answer the schema
             # is for: it goes out as reasoning.
@@ -357,7 +366,35 @@ class AgentLoop:
         elif isinstance(delta, UsageDelta):
             self.usage.add(delta)
         elif isinstance(delta, FinishDelta):
-            pass
+            self.finish_reason = delta.reason
+
+    @contextlib.contextmanager
+    def _watching_model(self, request: ModelRequest) -> Iterator[None]:
+        """Tell the watch of a model call: its start, and its end with the tokens it used."""
+        call = self.watch.model_call(request.purpose, request.temperature, request.max_tokens)
+        if call is NO_CALL:
+            yield
+            return
+        input_before, output_before = self.usage.input_tokens, self.usage.output_tokens
+        self.finish_reason = None
+        outcome, error = "ok", None
+        try:
+            yield
+        except RunCancelled:
+            outcome = "cancelled"
+            raise
+        except BaseException as exc:
+            outcome = "error"
+            error = str(exc) if isinstance(exc, ProviderError) else type(exc).__name__
+            raise
+        finally:
+            call.ended(
+                outcome=outcome,
+                error=error,
+                input_tokens=self.usage.input_tokens - input_before,
+                output_tokens=self.usage.output_tokens - output_before,
+                finish_reason=self.finish_reason,
+            )
 
     def _call_tool(self, call: dict[str, Any], *, rejected: bool = False) -> None:
         """Run one tool call between TOOL_START and TOOL_END; a failure becomes its result."""
@@ -371,8 +408,10 @@ class AgentLoop:
         result: Any = None
         error: str | None = None
         tool = self._tool(name)
+        watch = self.watch.tool_call(call["id"], name, tool is not None)
+        outcome = "error"
         if rejected:
-            error = REJECTED_RESULT
+            error, outcome = REJECTED_RESULT, "rejected"
         elif tool is None:
             error = (self.mcp and self.mcp.unavailable_reason(name)) or f"Unknown tool {name!r}."
         elif not isinstance(arguments, dict):
@@ -386,10 +425,15 @@ class AgentLoop:
                         result, error = self.mcp.call(tool, arguments, timeout)
                     else:
                         result = tool.function(**arguments)
+                outcome = "ok" if error is None else "error"
             except gevent.Timeout:
-                error = f"The tool did not finish within {timeout:g} seconds."
+                error, outcome = f"The tool did not finish within {timeout:g} seconds.", "timeout"
             except Exception as exc:  # a tool's failure is a result the model can react to
                 error = f"{type(exc).__name__}: {exc}"
+            except BaseException:
+                watch.ended(outcome="cancelled")
+                raise
+        watch.ended(outcome=outcome, error=error)
         duration_ms = int((time.monotonic() - started) * 1000)
         if result is not None and not isinstance(result, (str, int, float, bool, list, dict)):
             result = str(result)
@@ -436,12 +480,15 @@ class AgentLoop:
         self.usage.model_calls += 1
         text = []
         try:
-            for delta in self.provider.stream(request):
-                self._check_cancelled()
-                if isinstance(delta, ContentDelta):
-                    text.append(delta.text)
-                elif isinstance(delta, UsageDelta):
-                    self.usage.add(delta)
+            with self._watching_model(request):
+                for delta in self.provider.stream(request):
+                    self._check_cancelled()
+                    if isinstance(delta, ContentDelta):
+                        text.append(delta.text)
+                    elif isinstance(delta, UsageDelta):
+                        self.usage.add(delta)
+                    elif isinstance(delta, FinishDelta):
+                        self.finish_reason = delta.reason
         except Exception:
             logger.exception("suggesting followups failed")
             return

@@ -20,6 +20,7 @@ from typing import Any
 from ..db import Statement, database, insert_statement, is_postgres
 from ..models import Message, Run, RunEvent, RunStatus, Session, utcnow
 from .events import Event, EventType, now_ms, write_event
+from .observe import RunObserver
 from .outbox import RunNotice, enqueue_notices
 
 logger = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ def close_run_log(run_id: str, type: str, data: str) -> None:
     announce_events({run_id: seq})
 
 
-def sweep_expired_runs() -> list[str]:
+def sweep_expired_runs(observer: RunObserver | None = None) -> list[str]:
     """Fail every run whose lease expired: its worker died. Returns their ids.
 
     Each is marked FAILED with errorType worker_lost, its log closed with an ERROR event and
@@ -278,13 +279,13 @@ def sweep_expired_runs() -> list[str]:
     """
     now = utcnow()
     expired = [
-        run.id
-        for run in Run.select(Run.id).where(
+        (run.id, run.agent_id)
+        for run in Run.select(Run.id, Run.agent_id).where(
             Run.status.in_([RunStatus.RUNNING, RunStatus.QUEUED]) & (Run.lease_expires_at < now)
         )
     ]
     swept = []
-    for run_id in expired:
+    for run_id, agent_id in expired:
         with database.atomic():
             updated = (
                 Run.update(
@@ -312,6 +313,8 @@ def sweep_expired_runs() -> list[str]:
             enqueue_notices([run_notice(run)])
         swept.append(run_id)
         logger.warning("run %s failed: its worker stopped (lease expired)", run_id)
+        if observer is not None:
+            observer.run_closed(run_id, agent_id, RunStatus.FAILED, EventType.ERROR)
     return swept
 
 
