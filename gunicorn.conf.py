@@ -4,8 +4,11 @@ Every AGENT_RUNS_* setting of the application itself is read from the environmen
 the ones here shape the server around it.
 """
 
+import glob
 import multiprocessing
 import os
+import shutil
+import tempfile
 
 bind = os.environ.get("AGENT_RUNS_BIND", "127.0.0.1:8080")
 
@@ -27,6 +30,39 @@ keepalive = 5
 
 accesslog = os.environ.get("AGENT_RUNS_ACCESS_LOG", "-") or None
 loglevel = os.environ.get("AGENT_RUNS_LOG_LEVEL", "info")
+
+# GET /api/metrics adds up every worker's counts: each worker writes its figures to files of
+# its own in one directory (prometheus-client's multiprocess mode), which must be named before
+# the workers load the application and hold nothing of an earlier server. One set here is
+# kept (and emptied); otherwise the server makes one, and removes it when it stops.
+METRICS_DIR_PREFIX = "agent-runs-metrics-"
+metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
+    prefix=METRICS_DIR_PREFIX
+)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
+
+def on_starting(server):
+    """Forget the counts of an earlier server that used the same metrics directory."""
+    for path in glob.glob(os.path.join(metrics_dir, "*.db")):
+        os.remove(path)
+
+
+def child_exit(server, worker):
+    """Stop counting a dead worker's gauges (its counters' totals stay).
+
+    prometheus-client's multiprocess.mark_process_dead does this; its files are removed by
+    their names here instead, since importing prometheus-client in the master would hand the
+    workers forked later its lock made before gevent patched threading.
+    """
+    for path in glob.glob(os.path.join(metrics_dir, f"gauge_live*_{worker.pid}.db")):
+        os.remove(path)
+
+
+def on_exit(server):
+    if os.path.basename(metrics_dir).startswith(METRICS_DIR_PREFIX):
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
 
 # gunicorn's control socket lives at one fixed path per user, which several servers on one
 # machine would fight over; Agent Runs needs none of its commands.

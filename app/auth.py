@@ -32,7 +32,8 @@ from .schemas import text
 MAX_ID_LENGTH = 128
 
 TOKEN_PREFIX = "ar_"
-SCOPES = ("runs:read", "runs:write", "admin")
+# metrics: GET {prefix}/metrics alone, for a Prometheus server's scrapes.
+SCOPES = ("runs:read", "runs:write", "metrics", "admin")
 DEFAULT_SCOPES = ("runs:read", "runs:write")
 
 

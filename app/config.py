@@ -92,6 +92,8 @@ DEFAULTS: dict[str, Any] = {
     "AGENT_RUNS_JWT_ORG_CLAIM": "org_id",
     "AGENT_RUNS_JWT_USER_CLAIM": "sub",
     "AGENT_RUNS_JWT_SCOPES_CLAIM": "scope",
+    # Count runs, events, tokens, tool calls and requests for GET {prefix}/metrics.
+    "AGENT_RUNS_METRICS": True,
 }
 
 _BOOLEAN_WORDS = {

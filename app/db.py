@@ -344,6 +344,12 @@ def migrate() -> list[str]:
     return []
 
 
+def pending_migrations() -> list[str]:
+    """Return the names of the migrations the database lacks (call within a connection)."""
+    runner = Runner(database.obj, directory=migrations_directory())
+    return [m.name for m in runner.status() if m.path is not None and not m.applied]
+
+
 class _Slot:
     """Stands for a named value in a query built once by :class:`Statement`."""
 

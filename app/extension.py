@@ -10,7 +10,7 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 
@@ -23,12 +23,16 @@ from .runtime.agents import AgentRegistry
 from .runtime.delivery import DeliverySettings, WebhookDeliverer
 from .runtime.executor import Executor, ExecutorSettings
 from .runtime.mcp import McpSettings
+from .runtime.observe import Observers, RunObserver
 from .runtime.store import sweep_expired_runs
 from .runtime.watch import watcher_for
 from .runtime.webhooks import WebhookPolicy
 from .schemas import BatchStatusQuerySchema, RunRequestSchema
 
 logger = logging.getLogger("agent_runs")
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 
 @dataclass
@@ -43,6 +47,8 @@ class AgentRunsState:
     rate_limiter: RateLimiter
     webhook_policy: WebhookPolicy
     jwt: JWTSettings | None = None
+    # Counts for GET {prefix}/metrics; None when AGENT_RUNS_METRICS is off.
+    metrics: Metrics | None = None
     # Built on first request by api.openapi, then served as is.
     openapi_document: dict[str, Any] | None = None
 
@@ -105,6 +111,13 @@ class AgentRuns:
                 retention_days=settings["AGENT_RUNS_EVENT_RETENTION_DAYS"],
             )
         )
+        observers: list[RunObserver] = []
+        metrics = None
+        if settings["AGENT_RUNS_METRICS"]:
+            from .metrics import Metrics
+
+            metrics = Metrics()
+            observers.append(metrics)
         executor = Executor(
             ExecutorSettings(
                 flush_interval=settings["AGENT_RUNS_EVENT_FLUSH_INTERVAL"],
@@ -128,6 +141,7 @@ class AgentRuns:
             # The outbox's deliverer lives and stops with the worker's other services.
             services=[deliverer.run],
             watcher=watcher_for(url, settings["AGENT_RUNS_POLL_INTERVAL"]),
+            observer=Observers(observers),
         )
         if settings["AGENT_RUNS_MIGRATE_ON_START"]:
             migrate()
@@ -146,6 +160,7 @@ class AgentRuns:
             rate_limiter=RateLimiter(settings["AGENT_RUNS_RATE_LIMIT"]),
             webhook_policy=webhook_policy,
             jwt=JWTSettings.from_config(settings),
+            metrics=metrics,
         )
 
         from .api import bp

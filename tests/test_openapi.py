@@ -70,7 +70,11 @@ def test_every_route_of_the_api_is_described(app, client):
     assert described == routes
 
 
-def test_every_operation_but_the_document_takes_the_bearer_token(client):
+# What anyone may call: the document itself and the health checks.
+PUBLIC_PATHS = ("/openapi.json", "/healthz", "/readyz")
+
+
+def test_every_operation_but_the_public_ones_takes_the_bearer_token(client):
     document = client.get(DOCUMENT).json
     assert document["security"] == [{"bearerAuth": []}]
     assert document["components"]["securitySchemes"]["bearerAuth"] == {
@@ -81,7 +85,7 @@ def test_every_operation_but_the_document_takes_the_bearer_token(client):
         for method, operation in item.items():
             if method == "parameters":
                 continue
-            if path == "/openapi.json":
+            if path in PUBLIC_PATHS:
                 assert operation["security"] == [] and "401" not in operation["responses"]
             else:
                 assert "security" not in operation
@@ -189,6 +193,8 @@ def test_answers_match_the_document(client, auth):
     invalid = client.post("/api/agents/finance_agent/runs", headers=auth, json={"x": 1})
     assert_matches(document, "/agents/{agentId}/runs", "post", invalid)
     assert_matches(document, "/agents", "get", client.get("/api/agents"))
+    for path in ("/healthz", "/readyz"):
+        assert_matches(document, path, "get", client.get("/api" + path))
 
 
 @pytest.mark.parametrize("user", [None, "alice"])

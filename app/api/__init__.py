@@ -72,8 +72,12 @@ def _key_reused(error: KeyReused) -> Response:
     return problem(422, str(error), errors={"Idempotency-Key": [str(error)]})
 
 
-# Endpoints anyone may call: the API's description.
-PUBLIC_ENDPOINTS = frozenset({"agent_runs.openapi_document"})
+# Endpoints anyone may call, with no rate limit: the API's description and the health checks.
+PUBLIC_ENDPOINTS = frozenset(
+    {"agent_runs.openapi_document", "agent_runs.healthz", "agent_runs.readyz"}
+)
+# Endpoints that need a scope of their own (else runs:read to read, runs:write to change).
+ENDPOINT_SCOPES = {"agent_runs.metrics": "metrics"}
 
 
 @bp.before_request
@@ -89,8 +93,19 @@ def _open_and_authenticate() -> None:
     connection.__enter__()
     g.agent_runs_db = connection
     g.principal = authenticate(request.headers.get("Authorization"), state.jwt)
-    require_scope(g.principal, "runs:read" if request.method in ("GET", "HEAD") else "runs:write")
+    scope = ENDPOINT_SCOPES.get(request.endpoint or "")
+    if scope is None:
+        scope = "runs:read" if request.method in ("GET", "HEAD") else "runs:write"
+    require_scope(g.principal, scope)
     state.rate_limiter.check(g.principal.subject)
+
+
+@bp.after_request
+def _count_request(response: Response) -> Response:
+    counted = current_app.extensions["agent_runs"].metrics
+    if counted is not None and request.endpoint:
+        counted.count_request(request.endpoint.removeprefix("agent_runs."), response.status_code)
+    return response
 
 
 @bp.teardown_request
@@ -100,4 +115,5 @@ def _close_database(exc: BaseException | None) -> None:
         context.__exit__(None, None, None)
 
 
-from . import agents, openapi, runs, sessions, webhooks  # noqa: E402,F401  (views register on bp)
+# The views register themselves on bp.
+from . import agents, health, metrics, openapi, runs, sessions, webhooks  # noqa: E402,F401

@@ -48,6 +48,8 @@ from ..schemas import (
 from . import bp
 
 OPENAPI_VERSION = "3.1.0"
+# What the health checks answer when all is well.
+HEALTH = {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
 JSON = "application/json"
 EVENT_STREAM = "text/event-stream"
 
@@ -63,6 +65,7 @@ ERRORS = {
     412: "If-Match names another version of the agent than its current one.",
     422: "The body or query is invalid; `errors` says what is wrong with each field.",
     429: "Too many requests or runs; retry after `Retry-After` seconds.",
+    503: "Not ready: the database is not reachable, or lacks migrations.",
 }
 # Every authenticated operation may answer these.
 AUTH_ERRORS = (401, 403, 429)
@@ -300,6 +303,43 @@ def build_document(app: Flask) -> dict[str, Any]:
                 public=True,
                 responses={
                     200: _json_response("The OpenAPI document.", {"type": "object"}),
+                },
+            )
+        },
+        "/healthz": {
+            "get": _operation(
+                operation_id="healthz",
+                summary="Whether the server is alive (it asks the database nothing).",
+                tag="operations",
+                public=True,
+                responses={200: _json_response("Alive.", HEALTH)},
+            )
+        },
+        "/readyz": {
+            "get": _operation(
+                operation_id="readyz",
+                summary="Whether the server can serve: its database answers and is migrated.",
+                tag="operations",
+                public=True,
+                errors=(503,),
+                responses={200: _json_response("Ready.", HEALTH)},
+            )
+        },
+        "/metrics": {
+            "get": _operation(
+                operation_id="metrics",
+                summary="Prometheus metrics of every worker; needs a token with scope metrics.",
+                tag="operations",
+                errors=(404,),
+                responses={
+                    200: {
+                        "description": "The metrics, in the Prometheus text format, or "
+                        "OpenMetrics if the Accept header asks for it.",
+                        "content": {
+                            "text/plain": {"schema": {"type": "string"}},
+                            "application/openmetrics-text": {"schema": {"type": "string"}},
+                        },
+                    }
                 },
             )
         },
@@ -595,6 +635,7 @@ def build_document(app: Flask) -> dict[str, Any]:
             "(Standard Webhooks).",
         ),
         ("meta", "About the API itself."),
+        ("operations", "Health checks and metrics, for those who run the server."),
     ):
         spec.tag({"name": tag, "description": description})
     for path, item in paths.items():

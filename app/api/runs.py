@@ -96,6 +96,7 @@ def _start(agent_id: str, *, background: bool = False) -> tuple[StartedRun, dict
         max_active_runs=state.config["AGENT_RUNS_MAX_ACTIVE_RUNS_PER_ORG"],
         idempotency=_idempotency(body),
         idempotency_ttl=state.config["AGENT_RUNS_IDEMPOTENCY_TTL"],
+        trace_context=_trace_context(),
     )
     return started, body
 
@@ -104,6 +105,18 @@ def _replayed(response: Response, started: StartedRun) -> Response:
     if started.replayed:
         response.headers[REPLAYED_HEADER] = "true"
     return response
+
+
+def _trace_context() -> dict[str, str] | None:
+    """The request's W3C trace context headers, for the run's trace; None without one."""
+    traceparent = request.headers.get("traceparent")
+    if not traceparent:
+        return None
+    context = {"traceparent": traceparent}
+    tracestate = request.headers.get("tracestate")
+    if tracestate:
+        context["tracestate"] = tracestate
+    return context
 
 
 def event_stream(frames: Iterator[bytes]) -> Response:
@@ -208,6 +221,7 @@ def continue_paused(agent_id: str, run_id: str) -> Any:
         body["action"],
         default_model=state.default_model,
         mcp_headers=body["options"].get("mcp_headers"),
+        trace_context=_trace_context(),
     )
     return _run_response(agent_id, active.job.run_id)
 

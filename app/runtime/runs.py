@@ -279,6 +279,7 @@ def start_run(
     default_model: str,
     background: bool = False,
     max_active_runs: int = 0,
+    trace_context: dict[str, str] | None = None,
     idempotency: IdempotentRequest | None = None,
     idempotency_ttl: float = 86_400.0,
 ) -> StartedRun:
@@ -292,6 +293,8 @@ def start_run(
     With ``idempotency``, the key is claimed first in that transaction: a key that already
     names a run of the same request returns that run, started by nobody again (see
     :mod:`.idempotency`).
+    ``trace_context`` is the W3C trace context (traceparent, tracestate) of the request, for
+    the run's trace.
     """
     user_id = _acting_user(principal, body)
     options = body.get("options") or {}
@@ -366,6 +369,8 @@ def start_run(
         response_schema=response_schema(agent, options),
         # A new session's whole conversation is this message: no need to read it back.
         history=[{"role": "user", "content": body["message"]}] if new_session else None,
+        model_id=model,
+        trace_context=trace_context,
     )
     executor.start(job, start_event=start, background=background)
     return StartedRun(run_id)
@@ -390,6 +395,7 @@ def continue_run(
     *,
     default_model: str,
     mcp_headers: dict[str, dict[str, str]] | None = None,
+    trace_context: dict[str, str] | None = None,
 ) -> ActiveRun:
     """Resume a PAUSED run with a human's APPROVE or REJECT of its pending tool call.
 
@@ -440,6 +446,8 @@ def continue_run(
             "tool_calls": run.tool_calls,
             "usage": run.usage,
         },
+        model_id=model,
+        trace_context=trace_context,
     )
     return executor.start(job)
 
