@@ -31,6 +31,46 @@ keepalive = 5
 accesslog = os.environ.get("AGENT_RUNS_ACCESS_LOG", "-") or None
 loglevel = os.environ.get("AGENT_RUNS_LOG_LEVEL", "info")
 
+# AGENT_RUNS_LOG_FORMAT=json: gunicorn's own lines are JSON objects in the fields the
+# application writes (agent_runs.logs), and its root logger writes the application's lines.
+if os.environ.get("AGENT_RUNS_LOG_FORMAT", "").strip().lower() == "json":
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "json": {
+                "()": "pythonjsonlogger.json.JsonFormatter",
+                "fmt": "{levelname}{name}{message}",
+                "style": "{",
+                "rename_fields": {"levelname": "level", "name": "logger"},
+                "timestamp": "time",
+            }
+        },
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "json"},
+            "stdout": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stdout",
+            },
+        },
+        "root": {"level": loglevel.upper(), "handlers": ["stderr"]},
+        "loggers": {
+            "gunicorn.error": {
+                "level": loglevel.upper(),
+                "handlers": ["stderr"],
+                "propagate": False,
+            },
+            # With a logging configuration, gunicorn writes access lines even without an
+            # access log; a level above theirs keeps them out.
+            "gunicorn.access": {
+                "level": "INFO" if accesslog else "WARNING",
+                "handlers": ["stdout"],
+                "propagate": False,
+            },
+        },
+    }
+
 # GET /api/metrics adds up every worker's counts: each worker writes its figures to files of
 # its own in one directory (prometheus-client's multiprocess mode), which must be named before
 # the workers load the application and hold nothing of an earlier server. One set here is

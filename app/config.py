@@ -94,6 +94,10 @@ DEFAULTS: dict[str, Any] = {
     "AGENT_RUNS_JWT_SCOPES_CLAIM": "scope",
     # Count runs, events, tokens, tool calls and requests for GET {prefix}/metrics.
     "AGENT_RUNS_METRICS": True,
+    # The standalone server's log lines: "text", or "json" for one JSON object a line (read
+    # by gunicorn.conf.py too, for gunicorn's own lines), from this level on.
+    "AGENT_RUNS_LOG_FORMAT": "text",
+    "AGENT_RUNS_LOG_LEVEL": "info",
 }
 
 _BOOLEAN_WORDS = {

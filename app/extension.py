@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask
 
 from . import config as config_module
+from . import logs
 from .auth import JWTSettings
 from .db import check_database, database, migrate, open_database
 from .limits import RateLimiter
+from .logs import RunLog
 from .runtime.agent_store import AgentCatalog
 from .runtime.agents import AgentRegistry
 from .runtime.delivery import DeliverySettings, WebhookDeliverer
@@ -111,13 +113,15 @@ class AgentRuns:
                 retention_days=settings["AGENT_RUNS_EVENT_RETENTION_DAYS"],
             )
         )
-        observers: list[RunObserver] = []
+        # The run log first: a run's greenlet names the run in its lines from the start.
+        observers: list[RunObserver] = [RunLog()]
         metrics = None
         if settings["AGENT_RUNS_METRICS"]:
             from .metrics import Metrics
 
             metrics = Metrics()
             observers.append(metrics)
+        observer = Observers(observers)
         executor = Executor(
             ExecutorSettings(
                 flush_interval=settings["AGENT_RUNS_EVENT_FLUSH_INTERVAL"],
@@ -141,13 +145,13 @@ class AgentRuns:
             # The outbox's deliverer lives and stops with the worker's other services.
             services=[deliverer.run],
             watcher=watcher_for(url, settings["AGENT_RUNS_POLL_INTERVAL"]),
-            observer=Observers(observers),
+            observer=observer,
         )
         if settings["AGENT_RUNS_MIGRATE_ON_START"]:
             migrate()
             # Runs left RUNNING by a worker that died are failed before anyone reads them.
             with database.connection_context():
-                sweep_expired_runs()
+                sweep_expired_runs(observer)
 
         registry = AgentRegistry.from_file(settings["AGENT_RUNS_AGENTS_FILE"])
         if settings["AGENT_RUNS_LOAD_MODELS_ON_START"]:
@@ -197,6 +201,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # roots its paths.
     app = Flask("agent_runs")
     app.config.update(config or {})
+    settings = {**config_module.from_environment(), **app.config}
+    logs.configure(settings["AGENT_RUNS_LOG_FORMAT"], settings["AGENT_RUNS_LOG_LEVEL"])
     register_app_error_handlers(app)
     AgentRuns(app)
     return app

@@ -92,7 +92,9 @@ class Metrics(RunObserver):
             _child(EVENTS, "START").inc()  # written with the run, not by the event log
         return _MeteredRun(run)
 
-    def run_closed(self, run_id: str, agent_id: str, status: str, last_event: str) -> None:
+    def run_closed(
+        self, run_id: str, agent_id: str, status: str, last_event: str, reason: str
+    ) -> None:
         _child(RUNS, agent_id, status).inc()
         _child(EVENTS, last_event).inc()
 

@@ -11,6 +11,7 @@ from flask import Blueprint, Response, current_app, g, request
 from ..auth import authenticate, require_scope
 from ..db import DATABASE_DOWN, database
 from ..errors import problem, register_error_handlers
+from ..logs import LOG_CONTEXT
 from ..runtime.agent_store import AgentConflict
 from ..runtime.agents import AgentDefinitionError
 from ..runtime.idempotency import KeyReused
@@ -93,6 +94,8 @@ def _open_and_authenticate() -> None:
     connection.__enter__()
     g.agent_runs_db = connection
     g.principal = authenticate(request.headers.get("Authorization"), state.jwt)
+    # The request's log lines name the caller's organisation (reset at teardown).
+    g.agent_runs_log = LOG_CONTEXT.set({"orgId": g.principal.org_id})
     scope = ENDPOINT_SCOPES.get(request.endpoint or "")
     if scope is None:
         scope = "runs:read" if request.method in ("GET", "HEAD") else "runs:write"
@@ -110,6 +113,9 @@ def _count_request(response: Response) -> Response:
 
 @bp.teardown_request
 def _close_database(exc: BaseException | None) -> None:
+    log_context = g.pop("agent_runs_log", None)
+    if log_context is not None:
+        LOG_CONTEXT.reset(log_context)
     context = g.pop("agent_runs_db", None)
     if context is not None:
         context.__exit__(None, None, None)

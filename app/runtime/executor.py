@@ -371,7 +371,7 @@ class Executor:
         except InvalidOutput as exc:
             return Outcome(RunStatus.FAILED, EventType.ERROR, str(exc), "invalid_output")
         except Exception as exc:
-            logger.exception("run %s failed", job.run_id)
+            # The run's watch logs it, with its traceback, when the run ends.
             message = f"The run failed: {type(exc).__name__}."
             return Outcome(
                 RunStatus.FAILED, EventType.ERROR, message, "internal_error", exception=exc
@@ -537,7 +537,11 @@ class Executor:
                         Outcome(RunStatus.FAILED, EventType.ERROR, SHUTDOWN_MESSAGE, "worker_lost"),
                     )
                     self.observer.run_closed(
-                        active.job.run_id, active.job.agent.id, RunStatus.FAILED, EventType.ERROR
+                        active.job.run_id,
+                        active.job.agent.id,
+                        RunStatus.FAILED,
+                        EventType.ERROR,
+                        "the server shut down before it started",
                     )
             self.log.flush()
         finally:

@@ -90,9 +90,12 @@ class RunObserver:
         """A run begins executing here, in its own greenlet; return what watches it."""
         return NO_RUN
 
-    def run_closed(self, run_id: str, agent_id: str, status: str, last_event: str) -> None:
-        """A run no executor holds was ended: cancelled while paused, or lost with its
-        worker; ``last_event`` is the type of the event that closed its log."""
+    def run_closed(
+        self, run_id: str, agent_id: str, status: str, last_event: str, reason: str
+    ) -> None:
+        """A run no executor holds was ended (cancelled while paused, lost with its worker,
+        or never started before a shutdown): ``last_event`` is the type of the event that
+        closed its log, ``reason`` says why in words."""
 
     def events_written(self, counts: Mapping[str, int]) -> None:
         """The event log committed events: how many of each type."""
@@ -123,9 +126,11 @@ class Observers(RunObserver):
             return NO_RUN
         return watches[0] if len(watches) == 1 else _RunWatches(watches)
 
-    def run_closed(self, run_id: str, agent_id: str, status: str, last_event: str) -> None:
+    def run_closed(
+        self, run_id: str, agent_id: str, status: str, last_event: str, reason: str
+    ) -> None:
         for observer in self.observers:
-            observer.run_closed(run_id, agent_id, status, last_event)
+            observer.run_closed(run_id, agent_id, status, last_event, reason)
 
     def events_written(self, counts: Mapping[str, int]) -> None:
         for observer in self._counting:

@@ -492,7 +492,9 @@ def _cancel_paused(executor: Executor, run: Run) -> None:
         release_session(run.session.id, run.id, now)
         run.status, run.completed_at = RunStatus.CANCELLED, now
         enqueue_notices([run_notice(run)])
-    executor.observer.run_closed(run.id, run.agent_id, RunStatus.CANCELLED, EventType.STOP)
+    executor.observer.run_closed(
+        run.id, run.agent_id, RunStatus.CANCELLED, EventType.STOP, "cancelled while paused"
+    )
 
 
 def runs_of(principal: Principal) -> peewee.ModelSelect[Run]:

@@ -26,6 +26,7 @@ from .outbox import RunNotice, enqueue_notices
 logger = logging.getLogger(__name__)
 
 LOST_MESSAGE = "The worker executing this run stopped; the run did not finish."
+SWEPT_REASON = "its worker stopped before it finished (its lease expired)"
 
 # On PostgreSQL, the store tells every worker of every host what changed, on this channel
 # (see pg_watch): NOTIFY reaches the sessions of one database, so a server's database is its
@@ -312,9 +313,10 @@ def sweep_expired_runs(observer: RunObserver | None = None) -> list[str]:
             release_session(run.session.id, run_id, now)
             enqueue_notices([run_notice(run)])
         swept.append(run_id)
-        logger.warning("run %s failed: its worker stopped (lease expired)", run_id)
         if observer is not None:
-            observer.run_closed(run_id, agent_id, RunStatus.FAILED, EventType.ERROR)
+            observer.run_closed(run_id, agent_id, RunStatus.FAILED, EventType.ERROR, SWEPT_REASON)
+        else:
+            logger.warning("run %s failed: %s", run_id, SWEPT_REASON)
     return swept
 
 
