@@ -53,7 +53,9 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 # floor: the baseline's endpoints as a bare WSGI callable, to show what gunicorn itself costs.
-TARGETS = ("ours", "baseline", "floor")
+# nometrics: ours with its Prometheus metrics turned off, to show what counting costs.
+TARGETS = ("ours", "baseline", "floor", "nometrics")
+OURS = ("ours", "nometrics")
 # The load client's one token stands for thousands of callers: the per-token rate limit and
 # the per-organisation cap on active runs would turn most of its streams into 429s.
 OURS_LIMITS_OFF = {"AGENT_RUNS_RATE_LIMIT": "0", "AGENT_RUNS_MAX_ACTIVE_RUNS_PER_ORG": "0"}
@@ -274,7 +276,7 @@ class Server:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.paced, self.fast = paced, fast
         # Ours on a model over HTTP: the fake model server runs as long as this server.
-        self.model = model if target == "ours" else "scripted"
+        self.model = model if target in OURS else "scripted"
         self.model_process: subprocess.Popen | None = None
         self.log_path = folder / "gunicorn.log"
         self.db_path = folder / "bench.sqlite3"
@@ -286,10 +288,11 @@ class Server:
             # No access log: thousands of lines a second would measure the log, not the server.
             "AGENT_RUNS_ACCESS_LOG": "",
         }
-        if target == "ours":
+        if target in OURS:
             self.env.update(
                 AGENT_RUNS_DATABASE_URL=f"sqlite:///{self.db_path}",
                 AGENT_RUNS_SHUTDOWN_TIMEOUT="5",
+                AGENT_RUNS_METRICS="false" if target == "nometrics" else "true",
                 **OURS_LIMITS_OFF,
             )
         self.process: subprocess.Popen | None = None
@@ -299,9 +302,9 @@ class Server:
 
     @property
     def app(self) -> str:
-        return {"ours": "agent_runs:create_app()", "floor": "baseline:floor"}.get(
-            self.target, "baseline:app"
-        )
+        if self.target in OURS:
+            return "agent_runs:create_app()"
+        return "baseline:floor" if self.target == "floor" else "baseline:app"
 
     @property
     def pids(self) -> list[int]:
@@ -309,7 +312,7 @@ class Server:
 
     def __enter__(self) -> Server:
         try:
-            if self.target == "ours":
+            if self.target in OURS:
                 base_url = self._start_model() if self.model != "scripted" else ""
                 self.env["AGENT_RUNS_AGENTS_FILE"] = str(
                     agents_file(self.folder, self.paced, self.fast, self.model, base_url)
@@ -405,7 +408,7 @@ class Server:
 
     def stream_path(self, shape: Shape) -> str:
         path = f"/api/agents/{shape.agent}/runs/stream"
-        if self.target != "ours":
+        if self.target not in OURS:
             path += f"?deltas={shape.deltas}&delay={shape.delay}"
         return path
 
@@ -613,7 +616,7 @@ def concurrency_phase(
         log(f"{target}: {concurrency} streams")
         result = measure_streams(server, options.paced, concurrency, "streams", options)
         ids = list(result["runs"])
-        if target == "ours":
+        if target in OURS:
             result["persisted"] = persisted(server.db_path, result["runs"])
         if len(ids) >= 1:
             status = poll_status(server, options.paced, ids, options.status_polls, "status")
@@ -627,7 +630,7 @@ def saturation_phase(target: str, folder: Path, options: argparse.Namespace) -> 
         warm_up(server, options.paced)
         log(f"{target}: saturation, {options.saturation_streams} streams x {shape.events} events")
         result = measure_streams(server, shape, options.saturation_streams, "fast", options)
-        if target == "ours":
+        if target in OURS:
             result["persisted"] = persisted(server.db_path, result["runs"])
         return without_samples(result)
 
@@ -669,7 +672,7 @@ def status_during_phase(target: str, folder: Path, options: argparse.Namespace) 
             "latency_during_ms": percentiles(during),
             "open_streams_at_polls": percentiles([n for n in open_at if n > 0]),
         }
-        if target == "ours":
+        if target in OURS:
             summary["persisted"] = persisted(server.db_path, result["runs"])
         return summary
 
@@ -706,7 +709,7 @@ def summarise(results: dict) -> None:
     """Add figures, ratios and the issue's targets to the results."""
     phases = {t: results["phases"].get(t, {}) for t in TARGETS}
     summary: dict = {"concurrency": {}, "saturation": {}, "status_during": {}}
-    ratios: dict = {"concurrency": {}, "saturation": {}, "status_during": {}}
+    ratios: dict = {"concurrency": {}, "saturation": {}, "status_during": {}, "metrics": {}}
     for c in results["settings"]["concurrency"]:
         key = str(c)
         per = {
@@ -728,8 +731,12 @@ def summarise(results: dict) -> None:
                     "status_p99_ms",
                 )
             }
+        if "ours" in per and "nometrics" in per:
+            ratios["metrics"][key] = metrics_cost(per)
     per = {t: figures(phases[t]["saturation"]) for t in TARGETS if "saturation" in phases[t]}
     summary["saturation"] = per
+    if "ours" in per and "nometrics" in per:
+        ratios["metrics"]["saturation"] = metrics_cost(per)
     if "ours" in per and "baseline" in per:
         ratios["saturation"] = {
             name: ratio(per["ours"][name], per["baseline"][name])
@@ -754,6 +761,11 @@ def summarise(results: dict) -> None:
         }
     results["summary"], results["ratios"] = summary, ratios
     results["targets"] = targets(results)
+
+
+def metrics_cost(per: dict) -> float | None:
+    """CPU per event of ours with metrics over ours without them."""
+    return ratio(per["ours"]["cpu_us_per_event"], per["nometrics"]["cpu_us_per_event"])
 
 
 def targets(results: dict) -> list[dict]:
@@ -791,6 +803,13 @@ def targets(results: dict) -> list[dict]:
             f"batch status (100 ids) during {n} streams: p99 < 20 ms",
             during["p99_ms"],
             None if during["p99_ms"] is None else during["p99_ms"] < 20,
+        )
+    for key, cost in ratios.get("metrics", {}).items():
+        where = key if key == "saturation" else f"C={key}"
+        check(
+            f"{where}: CPU per event with metrics <= 1.05x without (issue 18)",
+            cost,
+            None if cost is None else cost <= 1.05,
         )
     at_100 = summary["concurrency"].get("100", {}).get("ours")
     if at_100:
@@ -845,6 +864,9 @@ def table(results: dict) -> str:
                 f"{number(r['mem_kb_per_open_stream'], 2):>7} "
                 f"{number(r['status_p50_ms'], 2):>8} {number(r['status_p99_ms'], 2):>7}"
             )
+        cost = ratios.get("metrics", {}).get(key)
+        if cost is not None:
+            out.append(f"{key:>5} {'ours/nom':<8} {'':>38} {number(cost, 3):>9}")
     sat = summary["saturation"]
     if sat:
         s = results["settings"]
@@ -858,7 +880,7 @@ def table(results: dict) -> str:
                 f"  {target:<8} {number(f['events_per_s'], 0):>8} events/s  "
                 f"{number(f['cpu_us_per_event']):>6} us/event  {f['completed']} complete, "
                 f"{f['errors']} errors"
-                + (f", persisted {number(f['persisted_ok'])}" if target == "ours" else "")
+                + (f", persisted {number(f['persisted_ok'])}" if target in OURS else "")
             )
         r = ratios["saturation"]
         if r:
@@ -866,6 +888,9 @@ def table(results: dict) -> str:
                 f"  ours/bl  {number(r['events_per_s'], 2):>8} (events/s)  "
                 f"{number(r['cpu_us_per_event'], 2):>6} (us/event)"
             )
+        cost = ratios.get("metrics", {}).get("saturation")
+        if cost is not None:
+            out.append(f"  ours/nom {'':>8}             {number(cost, 3):>6} (us/event)")
     during = summary["status_during"]
     if during:
         out += [
@@ -879,7 +904,7 @@ def table(results: dict) -> str:
                 f" ms  ({f['polls']} polls, median {number(f['open_streams_p50'], 0)} streams "
                 f"open; streams {f['streams_completed']} complete, {f['streams_errors']} errors)"
             )
-    out += ["", "Targets (issue 6)"]
+    out += ["", "Targets (issue 6; metrics: issue 18)"]
     for c in results["targets"]:
         mark = {True: "PASS", False: "FAIL", None: "n/a "}[c["pass"]]
         value = c["value"] if isinstance(c["value"], str) else number(c["value"], 2)
@@ -954,7 +979,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default="ours,baseline",
-        help="comma-separated: ours, baseline, floor (the baseline without Flask)",
+        help="comma-separated: ours, baseline, floor (the baseline without Flask), nometrics "
+        "(ours with AGENT_RUNS_METRICS=false)",
     )
     parser.add_argument("--status-polls", type=int, help="status polls after each phase")
     parser.add_argument(
