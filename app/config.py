@@ -145,6 +145,23 @@ def default_model(configured: str | None) -> str:
     return "local" if is_available() else "scripted"
 
 
+def otel_traces_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the standard OTEL_* variables ask for traces exported over OTLP.
+
+    An OTLP endpoint must be named; OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none turn
+    traces off all the same. The OpenTelemetry SDK reads every other OTEL_* variable itself.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() in ("none", ""):
+        return False
+    return bool(
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+
+
 def from_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Return the defaults overridden by any AGENT_RUNS_* variables in the environment."""
     environ = os.environ if environ is None else environ

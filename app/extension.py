@@ -121,6 +121,9 @@ class AgentRuns:
 
             metrics = Metrics()
             observers.append(metrics)
+        tracing = _tracing()
+        if tracing is not None:
+            observers.append(tracing)
         observer = Observers(observers)
         executor = Executor(
             ExecutorSettings(
@@ -191,6 +194,24 @@ def _start_embedded_models(registry: AgentRegistry, default_model: str) -> None:
 
     # In the background: a worker serves its other agents while the model loads.
     threading.Thread(target=start, name="agent-runs-model-start", daemon=True).start()
+
+
+def _tracing() -> RunObserver | None:
+    """Return the observer that traces runs, if the OTEL_* variables (or the host
+    application's own tracer provider) ask for traces."""
+    requested = config_module.otel_traces_requested()
+    try:
+        from .tracing import Tracing, tracer
+
+        found = tracer(requested)
+    except ImportError:
+        if requested:
+            logger.warning(
+                "OTEL_EXPORTER_OTLP_ENDPOINT is set, but runs are not traced: install the "
+                "otel extra (pip install 'agent-runs[otel]')"
+            )
+        return None
+    return Tracing(found) if found is not None else None
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
