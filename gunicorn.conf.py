@@ -76,10 +76,14 @@ if os.environ.get("AGENT_RUNS_LOG_FORMAT", "").strip().lower() == "json":
 # the workers load the application and hold nothing of an earlier server. One set here is
 # kept (and emptied); otherwise the server makes one, and removes it when it stops.
 METRICS_DIR_PREFIX = "agent-runs-metrics-"
-metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
-    prefix=METRICS_DIR_PREFIX
-)
-os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if not metrics_dir:
+    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+        prefix=METRICS_DIR_PREFIX
+    )
+    # Whoever made it removes it: not a server started by this one and inheriting the name.
+    os.environ["AGENT_RUNS_METRICS_DIR_MADE_BY"] = str(os.getpid())
+os.makedirs(metrics_dir, exist_ok=True)
 
 
 def on_starting(server):
@@ -100,7 +104,7 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    if os.path.basename(metrics_dir).startswith(METRICS_DIR_PREFIX):
+    if os.environ.get("AGENT_RUNS_METRICS_DIR_MADE_BY") == str(os.getpid()):
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 

@@ -96,7 +96,13 @@ def test_gunicorn_workers_freeze_the_application_collect_less_and_poll_sooner(re
     import gc
     import runpy
 
+    environ = dict(os.environ)
     settings = runpy.run_path(os.path.join(repo_root, "gunicorn.conf.py"))
+    # The settings name a metrics directory for the workers of a server: not this process's.
+    if settings["metrics_dir"] != environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.rmdir(settings["metrics_dir"])
+    os.environ.clear()
+    os.environ.update(environ)
     thresholds, interval = gc.get_threshold(), sys.getswitchinterval()
     try:
         settings["post_worker_init"](None)
