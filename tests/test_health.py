@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
 import requests
 
 from agent_runs import create_app
-from agent_runs.db import migrate
+from agent_runs.db import database, migrate
 
 from .conftest import make_token
 from .server import GunicornServer
@@ -38,9 +40,15 @@ def test_readyz_is_503_while_migrations_are_pending(tmp_path):
 
 
 def test_readyz_is_503_when_the_database_cannot_be_reached(tmp_path):
-    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'folder' / 'db.sqlite3'}"
-    app = create_app({"AGENT_RUNS_DATABASE_URL": url, "AGENT_RUNS_MIGRATE_ON_START": False})
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    url = f"sqlite:///{folder / 'db.sqlite3'}"
+    app = create_app({"AGENT_RUNS_DATABASE_URL": url})
     client = app.test_client()
+    assert client.get("/api/readyz").status_code == 200
+    # The database's folder goes away, and with it every way to open the database.
+    database.obj.close_all()
+    shutil.rmtree(folder)
     response = client.get("/api/readyz")
     assert response.status_code == 503 and response.mimetype == PROBLEM
     assert response.json["detail"] == "The database is not reachable."
