@@ -26,7 +26,11 @@ backlog = int(os.environ.get("AGENT_RUNS_BACKLOG", 4096))
 # streams may last far longer than this. On SIGTERM, in-flight runs get graceful_timeout.
 timeout = 60
 graceful_timeout = int(os.environ.get("AGENT_RUNS_GRACEFUL_TIMEOUT", 30))
-keepalive = 5
+# How long a connection may sit idle, before its first request or between two, before the
+# worker closes it. Behind a load balancer that keeps its connections to the server open,
+# make it longer than the balancer's idle timeout (60 s on AWS's), or the balancer sends
+# requests down connections the server is closing.
+keepalive = int(os.environ.get("AGENT_RUNS_KEEPALIVE", 5))
 
 accesslog = os.environ.get("AGENT_RUNS_ACCESS_LOG", "-") or None
 loglevel = os.environ.get("AGENT_RUNS_LOG_LEVEL", "info")
