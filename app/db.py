@@ -120,8 +120,10 @@ def open_database(url: str, pool_size: int = 32) -> peewee.Database:
     """
     scheme, _, rest = url.partition("://")
     previous = database.obj
-    if previous is not None and hasattr(previous, "close_all"):
-        previous.close_all()
+    if previous is not None and hasattr(previous, "close_idle"):
+        # Only the idle ones: a connection in use belongs to a greenlet waiting on it, and
+        # closing it under that greenlet frees what psycopg's C code is still reading.
+        previous.close_idle()
     if scheme.removesuffix("+pool") in POSTGRES_SCHEMES:
         db = _open_postgres(url, pool_size)
         db.autoconnect = False

@@ -31,6 +31,7 @@ from agent_runs import create_app  # noqa: E402
 from agent_runs.auth import create_token  # noqa: E402
 from agent_runs.db import database  # noqa: E402
 from agent_runs.runtime.agents import unregister_agent  # noqa: E402
+from agent_runs.runtime.executor import shutdown_all  # noqa: E402
 
 from .pg import PostgresCluster, PostgresMissing  # noqa: E402
 from .server import GunicornServer  # noqa: E402
@@ -78,6 +79,14 @@ def database_url(request, tmp_path):
     if getattr(request, "param", "sqlite") == "postgresql":
         return request.getfixturevalue("postgres").new_database()
     return f"sqlite:///{tmp_path / 'agent_runs.sqlite3'}"
+
+
+@pytest.fixture(autouse=True)
+def _stop_services():
+    """After each test, stop the background services of every app it made: they would go on
+    polling whatever database the next test binds."""
+    yield
+    shutdown_all(timeout=5)
 
 
 @pytest.fixture

@@ -176,7 +176,7 @@ class WebhookDeliverer:
                     logger.exception("delivering webhooks failed; retrying")
                 gevent.sleep(self.settings.poll_interval)
         finally:
-            self._attempts.kill(block=False)
+            self._attempts.kill(block=True, timeout=5)
 
     def deliver_due(self) -> int:
         """Claim due rows, as many as there is room for, and start their attempts."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,6 +141,9 @@ class ExecutorSettings:
 
 class Executor:
     """Runs agent runs in greenlets of this worker and fans their events out."""
+
+    #: The executors whose services run in this process, shut down when it exits.
+    started: weakref.WeakSet[Executor] = weakref.WeakSet()
 
     def __init__(
         self,
@@ -477,7 +481,7 @@ class Executor:
         if path is not None:
             self._checkpointer = WalCheckpointer(path, self.settings.poll_interval)
             self._checkpointer.start()
-        atexit.register(self.shutdown)
+        Executor.started.add(self)
 
     def _keep(self) -> None:
         renew_every = self.settings.lease_seconds / 3
@@ -545,15 +549,27 @@ class Executor:
                     )
             self.log.flush()
         finally:
-            for greenlet in self._services:
-                greenlet.kill(block=False)
+            # Waited for: a service killed but still running would go on using the database
+            # after whoever shuts down has closed or rebound it.
+            gevent.killall(self._services, block=True, timeout=5)
             self._services = []
             self.watcher.stop()
             if self._checkpointer is not None:
                 self._checkpointer.stop()
                 self._checkpointer = None
             self.mcp.close()
+            Executor.started.discard(self)
             self._stopping = False
+
+
+def shutdown_all(timeout: float | None = None) -> None:
+    """Shut down every executor of this process that started its services."""
+    for executor in list(Executor.started):
+        executor.shutdown(timeout)
+
+
+# One hook for the process, not one per executor: the hook would keep each alive forever.
+atexit.register(shutdown_all)
 
 
 @dataclass

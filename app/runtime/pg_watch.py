@@ -81,7 +81,7 @@ class NotifyWatcher(RunWatcher):
 
     def stop(self) -> None:
         if self._greenlet is not None:
-            self._greenlet.kill(block=False)
+            self._greenlet.kill(block=True, timeout=5)
             self._greenlet = None
         self.listening = False
 

@@ -88,7 +88,7 @@ class PollingWatcher(RunWatcher):
 
     def stop(self) -> None:
         if self._greenlet is not None:
-            self._greenlet.kill(block=False)
+            self._greenlet.kill(block=True, timeout=5)
             self._greenlet = None
 
     def watch(self, run_id: str) -> Watch:
