@@ -1,11 +1,14 @@
 """Agents as data: an organisation's own agents, stored through the API as versions."""
 
+import sys
+
 import gevent
 import pytest
 import requests
 
 from agent_runs.auth import create_token
 from agent_runs.db import database
+from agent_runs.models import AgentDefinition
 
 from .conftest import make_token
 from .server import GunicornServer
@@ -204,6 +207,40 @@ def test_a_bad_definition_is_422_naming_the_field(client, admin, definition, fie
     assert response.mimetype == "application/problem+json"
     assert field in response.json["errors"], response.json
     assert client.get("/api/agents/support", headers=admin).status_code == 404
+
+
+def test_a_local_command_is_refused_from_the_api(client, admin, auth, tmp_path):
+    """An MCP server that is a command runs on the server: only its own agents file may name
+    one, never an organisation's admin."""
+    ran = tmp_path / "ran"
+    command = {
+        "name": "files",
+        "command": sys.executable,
+        "args": ["-c", f"open({str(ran)!r}, 'w')"],
+    }
+    response = client.post("/api/agents", headers=admin, json={**SUPPORT, "mcp_servers": [command]})
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert list(response.json["errors"]["mcp_servers"]["0"]) == ["command"]
+    assert "agents file" in response.json["detail"]
+    create(client, admin)
+    patched = client.patch("/api/agents/support", headers=admin, json={"mcp_servers": [command]})
+    assert patched.status_code == 422 and "mcp_servers" in patched.json["errors"]
+    run(client, auth)
+    # A version stored before API agents were refused commands is refused when it runs.
+    with database.connection_context():
+        AgentDefinition.create(
+            org_id="acme",
+            agent_id="support",
+            version=2,
+            definition=dict(mcp_servers=[command], **SUPPORT),
+        )
+    stale = client.post("/api/agents/support/runs", headers=auth, json={"message": "hi"})
+    assert stale.status_code == 409 and "no longer fits" in stale.json["detail"]
+    assert not ran.exists()
+    # A server over HTTP is an API agent's to name.
+    remote = {"name": "crm", "url": "https://crm.example.com/mcp"}
+    changed = client.patch("/api/agents/support", headers=admin, json={"mcp_servers": [remote]})
+    assert changed.status_code == 200, changed.json
 
 
 def test_a_bad_change_is_422_and_keeps_the_version(client, admin):

@@ -379,8 +379,11 @@ def build_agent(
 
     The one way a definition becomes an agent, from the agents file or from the API. Tools
     are names in ``known_tools`` or, with ``imports``, ``module:function`` paths; models must
-    name a provider this server has. Raises :class:`AgentDefinitionError`, whose ``errors``
-    name each field that is wrong (and whose message starts with ``where``).
+    name a provider this server has. MCP servers that are local commands (stdio) are taken
+    only with ``imports``, from the server's own agents file: a definition from the API
+    would otherwise have the server run whatever command its caller wrote. Raises
+    :class:`AgentDefinitionError`, whose ``errors`` name each field that is wrong (and whose
+    message starts with ``where``).
     """
     if not isinstance(definition, dict):
         raise _definition_error({"_schema": ["An agent definition is a mapping."]}, where)
@@ -404,6 +407,15 @@ def build_agent(
     for index, allowed in enumerate(data.get("allowed_models") or ()):
         if allowed != "*" and (problem := _model_problem(allowed)):
             errors.setdefault("allowed_models", {})[index] = [problem]
+    if not imports:
+        for index, server in enumerate(data.get("mcp_servers") or ()):
+            if server.get("command") is not None:
+                errors.setdefault("mcp_servers", {})[index] = {
+                    "command": [
+                        "A local command is taken only from the server's agents file; "
+                        "give the MCP server's url."
+                    ]
+                }
     if errors:
         raise _definition_error(errors, where)
     try:
