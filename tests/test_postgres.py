@@ -3,10 +3,13 @@ errors for a database that cannot be used."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
 import gevent
+import gevent.event
+import psycopg
 import pytest
 
 from agent_runs import create_app
@@ -137,3 +140,101 @@ def test_db_upgrade_migrates_a_database_not_migrated_on_start(postgres):
     assert "Applied 0001_initial." in first.stdout
     again = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "up to date" in again.stdout
+
+
+def test_a_quiet_follower_sends_no_query_and_hears_the_run_go_on(postgres, agents):
+    """A stream following a run that executes elsewhere waits on the worker's listener, not
+    on reads of the log: while the run is quiet its greenlet sends no statement at all, and
+    once the run goes on, the notification brings the rest."""
+    release = gevent.event.Event()
+
+    def wait_for_release(what: str) -> str:
+        """Wait until the test lets the run go on."""
+        release.wait(30)
+        return "released"
+
+    agents("quiet", instructions="Wait.", tools=[wait_for_release])
+    url = postgres.new_database()
+    # Host A executes the run; B, an application with an executor and a listener of its
+    # own, follows it through the database.
+    host_a = create_app({"AGENT_RUNS_DATABASE_URL": url, "TESTING": True})
+    host_b = create_app(
+        {"AGENT_RUNS_DATABASE_URL": url, "TESTING": True, "AGENT_RUNS_PING_INTERVAL": 0.1}
+    )
+    auth = make_token()
+    started = host_a.test_client().post(
+        "/api/agents/quiet/runs/background", headers=auth, json={"message": "hold on"}
+    )
+    assert started.status_code == 202, started.json
+    run_id = started.json["runId"]
+
+    seen: list[tuple[str, str]] = []  # ("sql", statement) or ("frame", frame), in order
+
+    def follow() -> None:
+        response = host_b.test_client().get(
+            f"/api/agents/quiet/runs/{run_id}/events", headers=auth, buffered=False
+        )
+        for chunk in response.response:
+            seen.append(("frame", chunk.decode()))
+
+    def follow_too(chunks: list[bytes]) -> None:
+        response = host_b.test_client().get(
+            f"/api/agents/quiet/runs/{run_id}/events", headers=auth, buffered=False
+        )
+        chunks.extend(response.response)
+
+    reader = gevent.spawn(follow)
+    others: list[list[bytes]] = [[] for _ in range(9)]
+    more = [gevent.spawn(follow_too, chunks) for chunks in others]
+
+    class Statements(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if gevent.getcurrent() is reader:
+                seen.append(("sql", str(record.msg)))
+
+    peewee_logger = logging.getLogger("peewee")
+    handler, level = Statements(), peewee_logger.level
+    peewee_logger.addHandler(handler)
+    peewee_logger.setLevel(logging.DEBUG)
+
+    def pings_after_tool_start() -> list[int]:
+        frames = [i for i, (kind, text) in enumerate(seen) if kind == "frame"]
+        tool = next((i for i in frames if '"event":"TOOL_START"' in seen[i][1]), None)
+        return (
+            [] if tool is None else [i for i in frames if i > tool and seen[i][1] == ": ping\n\n"]
+        )
+
+    try:
+        for _ in range(200):  # at most 20 s
+            if len(pings_after_tool_start()) >= 4 or reader.dead:
+                break
+            gevent.sleep(0.1)
+        pings = pings_after_tool_start()
+        assert len(pings) >= 4, seen
+        # Past the read that found the log at its end, only pings: not one statement.
+        quiet = seen[pings[0] : pings[-1]]
+        assert [text for kind, text in quiet if kind == "sql"] == [], quiet
+        # Ten streams follow the run on B: one listening connection per application (worker).
+        assert all(b": ping\n\n" in chunks for chunks in others)
+        with psycopg.connect(url) as connection:
+            (listening,) = connection.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE query LIKE 'LISTEN %%' AND datname = current_database()"
+            ).fetchone()
+        assert listening == 2
+        release.set()
+        gevent.joinall([reader, *more], timeout=20, raise_error=True)
+    finally:
+        release.set()
+        peewee_logger.removeHandler(handler)
+        peewee_logger.setLevel(level)
+        for host in (host_a, host_b):
+            host.extensions["agent_runs"].executor.shutdown(timeout=5)
+    # The notification woke the follower, which read the rest: the probe sees its reads.
+    after = seen[pings[-1] :]
+    assert any(kind == "sql" and "run_event" in text for kind, text in after), after
+    text = "".join(text for kind, text in seen if kind == "frame")
+    events = parse_stream(text)
+    assert [e["event"] for e in events][-1] == "STOP"
+    assert [e["id"] for e in events] == list(range(1, len(events) + 1))
+    assert [parse_stream(b"".join(chunks).decode()) for chunks in others] == [events] * 9
