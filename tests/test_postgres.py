@@ -4,6 +4,7 @@ errors for a database that cannot be used."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -238,3 +239,31 @@ def test_a_quiet_follower_sends_no_query_and_hears_the_run_go_on(postgres, agent
     assert [e["event"] for e in events][-1] == "STOP"
     assert [e["id"] for e in events] == list(range(1, len(events) + 1))
     assert [parse_stream(b"".join(chunks).decode()) for chunks in others] == [events] * 9
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_gunicorn_on_a_database_out_of_reach_stops_with_one_line(repo_root, tmp_path, log_format):
+    env = {
+        **os.environ,
+        "AGENT_RUNS_DATABASE_URL": "postgresql://postgres:secret@127.0.0.1:1/agent_runs",
+        "AGENT_RUNS_LOG_FORMAT": log_format,
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+    }
+    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+    result = subprocess.run(
+        # One worker: when two fail at once, gunicorn's master may itself print the
+        # traceback of the HaltServer it raises while stopping the other.
+        [*command, "-b", "127.0.0.1:0", "-w", "1", "wsgi:app"],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 4, result.stderr
+    assert "Traceback" not in result.stderr
+    said = [line for line in result.stderr.splitlines() if "Connection refused" in line]
+    assert len(said) == 1, result.stderr
+    assert all("Cannot use the database postgresql://" in line for line in said), said
+    assert "secret" not in result.stderr
+    assert "App failed to load" in result.stderr
