@@ -26,6 +26,7 @@ from agent_runs.runtime.delivery import (
     WebhookDeliverer,
     claim_due,
     record,
+    retry_delay,
     sign,
 )
 from agent_runs.runtime.outbox import EVENT_OF_STATUS
@@ -343,6 +344,20 @@ def test_a_failure_past_the_retry_window_is_final(client, auth):
         record(attempt, Answer(None, "no answer within 1 s"), settings)
         row = WebhookDelivery.get_by_id(attempt.id)
     assert row.status == DeliveryStatus.FAILED and row.last_error == "no answer within 1 s"
+
+
+def test_retries_back_off_doubling_to_an_hour_for_a_day():
+    """With the defaults, a message failing every time is tried some thirty times in its day."""
+    settings = DeliverySettings()
+    for attempts, expected in [(1, 5), (2, 10), (3, 20), (8, 640), (10, 2560), (11, 3600)]:
+        for _ in range(20):
+            assert 0.8 * expected <= retry_delay(attempts, settings) <= 1.2 * expected
+    assert retry_delay(100, settings) <= 1.2 * 3600
+    elapsed, attempts = 0.0, 1
+    while elapsed < settings.retry_for:
+        elapsed += retry_delay(attempts, settings)
+        attempts += 1
+    assert 25 <= attempts <= 45
 
 
 def test_deleting_a_webhook_deletes_its_pending_deliveries(client, admin, auth):
