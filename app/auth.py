@@ -8,13 +8,21 @@ usable token. Secrets are never logged.
 JWTs are accepted when the server is configured with a key (AGENT_RUNS_JWT_SECRET for HS256,
 AGENT_RUNS_JWT_PUBLIC_KEY for RS256): signature, ``exp``, and ``aud``/``iss`` when
 configured are checked by PyJWT, and claims map to organisation, user and scopes.
+
+Stream tokens are JWTs of our own, for the one place a token must travel in a URL: a
+browser's EventSource, which cannot send headers, reading GET .../runs/{runId}/events with
+``?access_token=`` (RFC 6750 section 2.3). Each is read-only, bound to one run and short-lived;
+they are signed (HS256) with a key a migration stored in the database, so every worker and
+host verifies what any of them issued, and no setting is needed.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +32,7 @@ from marshmallow import ValidationError
 
 from .db import Statement
 from .errors import ApiError
-from .models import ApiToken, utcnow
+from .models import ApiToken, SigningKey, utcnow
 from .runtime.runs import Principal
 from .schemas import text
 
@@ -212,3 +220,101 @@ def require_scope(principal: Principal, scope: str) -> None:
     """Refuse (403) a request whose token lacks the scope it needs; admin has them all."""
     if scope not in principal.scopes and "admin" not in principal.scopes:
         raise ApiError(403, f"This token lacks the {scope!r} scope this request needs.")
+
+
+# Stream tokens: the audience says what a token is for; a token of ours for anything else,
+# or anyone else's JWT, fails the check.
+STREAM_TOKEN_AUDIENCE = "agent-runs:run-events"
+STREAM_TOKEN_KEY = "stream_token"
+
+
+def stream_token_key() -> str:
+    """Return the key stream tokens are signed with (call within a connection)."""
+    row = SigningKey.get_or_none(SigningKey.name == STREAM_TOKEN_KEY)
+    if row is None:
+        # Made by migration 0006; a database migrated by other means gets one now (the first
+        # writer's key wins a race: an insert that finds one ignores itself).
+        (
+            SigningKey.insert(name=STREAM_TOKEN_KEY, secret=secrets.token_urlsafe(32))
+            .on_conflict_ignore()
+            .execute()
+        )
+        row = SigningKey.get(SigningKey.name == STREAM_TOKEN_KEY)
+    return row.secret
+
+
+def issue_stream_token(
+    principal: Principal, run_id: str, key: str, ttl: float
+) -> tuple[str, datetime.datetime]:
+    """Return a read-only token for one run's events, and when it expires (naive UTC)."""
+    issued = time.time()
+    # JWT times are whole seconds: rounded up, a token lives at least ``ttl`` seconds.
+    expires = math.ceil(issued + ttl)
+    claims: dict[str, Any] = {
+        "aud": STREAM_TOKEN_AUDIENCE,
+        "run": run_id,
+        "org": principal.org_id,
+        "usr": principal.user_id,
+        "sub": principal.subject,
+        "iat": int(issued),
+        "exp": expires,
+    }
+    if principal.token_id is not None:
+        claims["tid"] = principal.token_id
+    expires_at = datetime.datetime.fromtimestamp(expires, datetime.timezone.utc)
+    return jwt.encode(claims, key, algorithm="HS256"), expires_at.replace(tzinfo=None)
+
+
+_TOKEN_BY_ID = Statement(
+    lambda token_id: ApiToken.select(ApiToken.expires_at, ApiToken.revoked_at).where(
+        ApiToken.id == token_id
+    )
+)
+
+
+def authenticate_stream_token(token: str, run_id: str, key: str) -> Principal:
+    """Resolve an ``access_token`` of a URL to the principal it reads ``run_id``'s events as.
+
+    401 for anything but a valid stream token (an API token above all: those never belong in
+    a URL), 404 for a stream token of another run, as for a run the caller cannot see.
+    """
+    if token.startswith(TOKEN_PREFIX):
+        raise unauthorized(
+            "An API token is never accepted in a URL: send it in the Authorization header, "
+            "or get a stream token from POST .../events/token for access_token."
+        )
+    try:
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=["HS256"],
+            audience=STREAM_TOKEN_AUDIENCE,
+            options={"require": ["exp", "aud", "run", "org", "sub"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise unauthorized(
+            "The stream token has expired: get a new one from POST .../events/token."
+        ) from None
+    except jwt.InvalidTokenError:
+        raise unauthorized(
+            "access_token must be a stream token from POST .../events/token."
+        ) from None
+    if claims["run"] != run_id:
+        raise ApiError(404, "This stream token is for another run.")
+    token_id = claims.get("tid")
+    if token_id is not None:
+        # The API token that issued it must still be valid: revoking it cuts its stream tokens.
+        issuer = _TOKEN_BY_ID.rows(token_id=token_id)
+        if (
+            not issuer
+            or issuer[0]["revoked_at"] is not None
+            or (issuer[0]["expires_at"] is not None and issuer[0]["expires_at"] <= utcnow())
+        ):
+            raise unauthorized("The token that issued this stream token is no longer valid.")
+    return Principal(
+        org_id=claims["org"],
+        user_id=claims.get("usr"),
+        scopes=frozenset({"runs:read"}),
+        token_id=token_id,
+        subject=claims["sub"],
+    )

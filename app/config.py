@@ -92,6 +92,8 @@ DEFAULTS: dict[str, Any] = {
     "AGENT_RUNS_JWT_ORG_CLAIM": "org_id",
     "AGENT_RUNS_JWT_USER_CLAIM": "sub",
     "AGENT_RUNS_JWT_SCOPES_CLAIM": "scope",
+    # Seconds a stream token (POST .../events/token, for a browser's EventSource) stays valid.
+    "AGENT_RUNS_STREAM_TOKEN_TTL": 300.0,
     # Count runs, events, tokens, tool calls and requests for GET {prefix}/metrics.
     "AGENT_RUNS_METRICS": True,
     # The standalone server's log lines: "text", or "json" for one JSON object a line (read

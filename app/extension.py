@@ -16,7 +16,7 @@ from flask import Flask
 
 from . import config as config_module
 from . import logs
-from .auth import JWTSettings
+from .auth import JWTSettings, stream_token_key
 from .db import check_database, database, migrate, open_database
 from .limits import RateLimiter
 from .logs import RunLog
@@ -53,6 +53,14 @@ class AgentRunsState:
     metrics: Metrics | None = None
     # Built on first request by api.openapi, then served as is.
     openapi_document: dict[str, Any] | None = None
+    # The key stream tokens are signed with, read from the database on first use.
+    _stream_token_key: str | None = None
+
+    def stream_token_key(self) -> str:
+        """Return the key stream tokens are signed with (call within a connection)."""
+        if self._stream_token_key is None:
+            self._stream_token_key = stream_token_key()
+        return self._stream_token_key
 
     @property
     def default_model(self) -> str:

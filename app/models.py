@@ -285,6 +285,14 @@ class AgentDefinition(BaseModel):
         indexes = ((("org_id", "agent_id", "version"), True),)
 
 
+class SigningKey(BaseModel):
+    """A key the server signs its own tokens with (stream tokens), made by a migration."""
+
+    name = peewee.CharField(max_length=64, primary_key=True)
+    secret = peewee.CharField(max_length=128)
+    created_at = peewee.DateTimeField(default=utcnow)
+
+
 MODELS = (
     ApiToken,
     Session,
@@ -295,4 +303,5 @@ MODELS = (
     Webhook,
     WebhookDelivery,
     AgentDefinition,
+    SigningKey,
 )

@@ -747,6 +747,22 @@ class QueuedRunSchema(Schema):
     status = _run_status()
 
 
+class StreamTokenSchema(Schema):
+    """The answer of POST .../runs/{runId}/events/token: a read-only token for one run's
+    events, and the URL to read them with it (a browser's EventSource)."""
+
+    token = fields.String(
+        metadata={"description": "Pass as access_token; valid for this run's events only."}
+    )
+    expires_at = UTCDateTime(data_key="expiresAt")
+    url = fields.String(
+        metadata={
+            "description": "The run's /events with the token, as a path from the server's "
+            "origin: what a page of the server opens with EventSource as is."
+        }
+    )
+
+
 class RunResponseSchema(Schema):
     """The answer of the synchronous POST .../runs."""
 

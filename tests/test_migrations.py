@@ -16,6 +16,7 @@ def test_start_applies_the_migrations_once(database_url):
             "0002_fewer_indexes",
             "0004_webhooks_and_idempotency",
             "0005_agents_and_run_listing",
+            "0006_signing_keys",
         ]
         assert all(m.applied for m in status)
         tables = set(database.get_tables())
@@ -52,6 +53,8 @@ def test_migrations_go_down_and_up_again(database_url):
     runner = Runner(database.obj, directory=migrations_directory())
     with database.connection_context():
         runner.down()
+        assert "signing_key" not in database.get_tables()
+        runner.down()
         assert "agent_definition" not in database.get_tables()
         assert "agent_version" not in {c.name for c in database.get_columns("run")}
         runner.down()
@@ -62,10 +65,12 @@ def test_migrations_go_down_and_up_again(database_url):
             "0002_fewer_indexes",
             "0004_webhooks_and_idempotency",
             "0005_agents_and_run_listing",
+            "0006_signing_keys",
         ]
         assert "run_event_run_id" not in {i.name for i in database.get_indexes("run_event")}
         assert "webhook_delivery" in database.get_tables()
         assert "agent_definition" in database.get_tables()
+        assert "signing_key" in database.get_tables()
 
 
 def test_sqlite_runs_in_wal_mode(database_url):

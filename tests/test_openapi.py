@@ -72,6 +72,8 @@ def test_every_route_of_the_api_is_described(app, client):
 
 # What anyone may call: the document itself and the health checks.
 PUBLIC_PATHS = ("/openapi.json", "/healthz", "/readyz")
+# Read with a bearer token, or with a stream token in the URL (a browser's EventSource).
+STREAM_TOKEN_PATHS = ("/agents/{agentId}/runs/{runId}/events",)
 
 
 def test_every_operation_but_the_public_ones_takes_the_bearer_token(client):
@@ -87,6 +89,9 @@ def test_every_operation_but_the_public_ones_takes_the_bearer_token(client):
                 continue
             if path in PUBLIC_PATHS:
                 assert operation["security"] == [] and "401" not in operation["responses"]
+            elif path in STREAM_TOKEN_PATHS:
+                assert operation["security"] == [{"bearerAuth": []}, {"streamToken": []}]
+                assert {"401", "403", "429"} <= set(operation["responses"]), (method, path)
             else:
                 assert "security" not in operation
                 assert {"401", "403", "429"} <= set(operation["responses"]), (method, path)

@@ -6,16 +6,24 @@ view's duration only; streamed bodies are generators that touch no request state
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, Response, current_app, g, request
 
-from ..auth import authenticate, require_scope
+from ..auth import authenticate, authenticate_stream_token, require_scope, unauthorized
 from ..db import DATABASE_DOWN, database
-from ..errors import problem, register_error_handlers
+from ..errors import ApiError, problem, register_error_handlers
 from ..logs import LOG_CONTEXT
 from ..runtime.agent_store import AgentConflict
 from ..runtime.agents import AgentDefinitionError
 from ..runtime.idempotency import KeyReused
-from ..runtime.runs import NotFound, RunRequestRejected, RunStateConflict, TooManyActiveRuns
+from ..runtime.runs import (
+    NotFound,
+    Principal,
+    RunRequestRejected,
+    RunStateConflict,
+    TooManyActiveRuns,
+)
 
 bp = Blueprint("agent_runs", __name__)
 register_error_handlers(bp)
@@ -78,7 +86,29 @@ PUBLIC_ENDPOINTS = frozenset(
     {"agent_runs.openapi_document", "agent_runs.healthz", "agent_runs.readyz"}
 )
 # Endpoints that need a scope of their own (else runs:read to read, runs:write to change).
-ENDPOINT_SCOPES = {"agent_runs.metrics": "metrics"}
+# A stream token only reads, though asking for one is a POST.
+ENDPOINT_SCOPES = {"agent_runs.metrics": "metrics", "agent_runs.run_events_token": "runs:read"}
+# The one endpoint that takes a token in its URL (?access_token=, RFC 6750 section 2.3): a
+# stream token, for a browser's EventSource, which cannot send an Authorization header.
+STREAM_TOKEN_ENDPOINT = "agent_runs.run_events"
+
+
+def _principal(state: Any) -> Principal:
+    """Who the request acts for: its bearer token's principal, or its stream token's."""
+    access_token = request.args.get("access_token")
+    if access_token is None:
+        return authenticate(request.headers.get("Authorization"), state.jwt)
+    if request.endpoint != STREAM_TOKEN_ENDPOINT:
+        raise unauthorized(
+            "access_token is taken by GET .../runs/{runId}/events alone; send the token in "
+            "the Authorization header."
+        )
+    if "Authorization" in request.headers:
+        raise ApiError(
+            400, "Send one token: in the Authorization header or as access_token, not both."
+        )
+    run_id = (request.view_args or {}).get("run_id", "")
+    return authenticate_stream_token(access_token, run_id, state.stream_token_key())
 
 
 @bp.before_request
@@ -93,7 +123,7 @@ def _open_and_authenticate() -> None:
     # Kept for the teardown only once open: a database that is away fails the enter (503).
     connection.__enter__()
     g.agent_runs_db = connection
-    g.principal = authenticate(request.headers.get("Authorization"), state.jwt)
+    g.principal = _principal(state)
     # The request's log lines name the caller's organisation (reset at teardown).
     g.agent_runs_log = LOG_CONTEXT.set({"orgId": g.principal.org_id})
     scope = ENDPOINT_SCOPES.get(request.endpoint or "")
@@ -122,4 +152,12 @@ def _close_database(exc: BaseException | None) -> None:
 
 
 # The views register themselves on bp.
-from . import agents, health, metrics, openapi, runs, sessions, webhooks  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    agents,
+    health,
+    metrics,
+    openapi,
+    runs,
+    sessions,
+    webhooks,
+)

@@ -42,6 +42,7 @@ from ..schemas import (
     SessionQuerySchema,
     SessionRunsPageSchema,
     SessionRunsQuerySchema,
+    StreamTokenSchema,
     WebhookRequestSchema,
     WebhookSchema,
 )
@@ -55,7 +56,7 @@ EVENT_STREAM = "text/event-stream"
 
 # What each error status means, whatever the operation; operations list the ones they answer.
 ERRORS = {
-    400: "The body is not valid JSON.",
+    400: "The body is not valid JSON, or the request sends two tokens.",
     401: "No bearer token, or one that is not valid.",
     403: "The token does not allow this, or the body names another organisation or user.",
     404: "No such agent, run or session for this caller.",
@@ -210,6 +211,18 @@ def build_document(app: Flask) -> dict[str, Any]:
         security=[{"bearerAuth": []}],
     )
     spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
+    spec.components.security_scheme(
+        "streamToken",
+        {
+            "type": "apiKey",
+            "in": "query",
+            "name": "access_token",
+            "description": "A stream token from POST .../runs/{runId}/events/token (RFC 6750 "
+            "section 2.3), for a browser's EventSource: read-only, for that run's events "
+            "only, valid for "
+            f"{state.config['AGENT_RUNS_STREAM_TOKEN_TTL']:g} s. Never an API token.",
+        },
+    )
     # Schemas that take the application's limits are documented with them.
     spec.components.schema(
         "RunRequest",
@@ -275,7 +288,8 @@ def build_document(app: Flask) -> dict[str, Any]:
         "in": "header",
         "name": "Last-Event-ID",
         "required": False,
-        "description": "Resume after this event id (ignored when `after` is given).",
+        "description": "Resume after this event id; with `after` too, after the later of the "
+        "two (what an EventSource opened on `?after=N` sends when it reconnects).",
         "schema": {"type": "string", "pattern": "^[0-9]+$", "maxLength": len(str(MAX_EVENT_ID))},
     }
     start_errors = (*BODY_ERRORS, 404, 409)
@@ -487,13 +501,30 @@ def build_document(app: Flask) -> dict[str, Any]:
         },
         "/agents/{agentId}/runs/{runId}/events": {
             "parameters": [agent_id, run_id],
-            "get": _operation(
-                operation_id="run_events",
-                summary="Stream a run's events: replayed from the log, then live.",
+            "get": {
+                **_operation(
+                    operation_id="run_events",
+                    summary="Stream a run's events: replayed from the log, then live.",
+                    tag="runs",
+                    parameters=[{"in": "query", "schema": EventsQuerySchema}, last_event_id],
+                    errors=(400, 404, 422),
+                    responses={200: _event_stream_response("The run's events after the given id.")},
+                ),
+                # A bearer token, or a stream token in the URL (a browser's EventSource).
+                "security": [{"bearerAuth": []}, {"streamToken": []}],
+            },
+        },
+        "/agents/{agentId}/runs/{runId}/events/token": {
+            "parameters": [agent_id, run_id],
+            "post": _operation(
+                operation_id="run_events_token",
+                summary="Get a short-lived, read-only token for this run's events, to pass "
+                "as access_token (a browser's EventSource cannot send headers).",
                 tag="runs",
-                parameters=[{"in": "query", "schema": EventsQuerySchema}, last_event_id],
-                errors=(404, 422),
-                responses={200: _event_stream_response("The run's events after the given id.")},
+                errors=(404,),
+                responses={
+                    200: _json_response("The token and the URL to read with it.", StreamTokenSchema)
+                },
             ),
         },
         "/agents/{agentId}/runs/{runId}/continue": {

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Response, current_app, g, jsonify, request
+from flask import Response, current_app, g, jsonify, request, url_for
 from werkzeug.exceptions import BadRequest
 
+from ..auth import issue_stream_token
 from ..errors import ApiError
 from ..runtime.executor import Executor
 from ..runtime.idempotency import IdempotentRequest, KeyInvalid, parse_key
@@ -31,6 +32,7 @@ from ..schemas import (
     RunListQuerySchema,
     RunPageSchema,
     RunResponseSchema,
+    StreamTokenSchema,
     run_status_views,
 )
 from . import bp
@@ -181,22 +183,38 @@ def queue_run(agent_id: str) -> Any:
 def run_events(agent_id: str, run_id: str) -> Response:
     """Stream a run's events: those after Last-Event-ID (or ?after=N), then live ones."""
     check_agent(_state().agents, g.principal.org_id, agent_id)
-    query = EventsQuerySchema().load(request.args.to_dict())
-    after = query.get("after")
-    if after is None:
-        header = request.headers.get("Last-Event-ID", "").strip()
-        # ASCII digits only (str.isdigit() accepts "²", which int() refuses), and an id the
-        # event log can hold (int() refuses thousands of digits, too).
-        valid = header.isascii() and header.isdigit() and len(header) <= len(str(MAX_EVENT_ID))
-        if header and not (valid and int(header) <= MAX_EVENT_ID):
-            raise ApiError(
-                422,
-                "Last-Event-ID must be the id of an event this stream sent (an integer).",
-                errors={"Last-Event-ID": ["Must be a non-negative integer."]},
-            )
-        after = int(header) if header else 0
+    # access_token (a stream token) was taken by the authentication.
+    query = EventsQuerySchema().load(
+        {k: v for k, v in request.args.to_dict().items() if k != "access_token"}
+    )
+    header = request.headers.get("Last-Event-ID", "").strip()
+    # ASCII digits only (str.isdigit() accepts "²", which int() refuses), and an id the
+    # event log can hold (int() refuses thousands of digits, too).
+    valid = header.isascii() and header.isdigit() and len(header) <= len(str(MAX_EVENT_ID))
+    if header and not (valid and int(header) <= MAX_EVENT_ID):
+        raise ApiError(
+            422,
+            "Last-Event-ID must be the id of an event this stream sent (an integer).",
+            errors={"Last-Event-ID": ["Must be a non-negative integer."]},
+        )
+    # With both, the later: an EventSource opened on ?after=N sends Last-Event-ID when it
+    # reconnects, and the URL it reconnects to still says N.
+    after = max(query.get("after") or 0, int(header) if header else 0)
     run = get_run(g.principal, agent_id, run_id)
     return event_stream(_state().executor.follow(run.id, after))
+
+
+@bp.post("/agents/<agent_id>/runs/<run_id>/events/token")
+def run_events_token(agent_id: str, run_id: str) -> Any:
+    """Issue a short-lived, read-only token for one run's events, for a URL's access_token."""
+    state = _state()
+    check_agent(state.agents, g.principal.org_id, agent_id)
+    run = get_run(g.principal, agent_id, run_id)
+    token, expires_at = issue_stream_token(
+        g.principal, run.id, state.stream_token_key(), state.config["AGENT_RUNS_STREAM_TOKEN_TTL"]
+    )
+    url = url_for("agent_runs.run_events", agent_id=agent_id, run_id=run.id, access_token=token)
+    return StreamTokenSchema().dump({"token": token, "expires_at": expires_at, "url": url})
 
 
 @bp.delete("/agents/<agent_id>/runs/<run_id>")
