@@ -8,6 +8,7 @@ other Flask setting.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -94,6 +95,9 @@ DEFAULTS: dict[str, Any] = {
     "AGENT_RUNS_JWT_SCOPES_CLAIM": "scope",
     # Seconds a stream token (POST .../events/token, for a browser's EventSource) stays valid.
     "AGENT_RUNS_STREAM_TOKEN_TTL": 300.0,
+    # Origins of browser applications allowed to call the API (CORS), comma-separated, or
+    # "*" for any; None sends no CORS headers.
+    "AGENT_RUNS_CORS_ORIGINS": None,
     # Count runs, events, tokens, tool calls and requests for GET {prefix}/metrics.
     "AGENT_RUNS_METRICS": True,
     # The standalone server's log lines: "text", or "json" for one JSON object a line (read
@@ -145,6 +149,26 @@ def default_model(configured: str | None) -> str:
     from .providers.local import is_available
 
     return "local" if is_available() else "scripted"
+
+
+def cors_origins(value: str | None) -> list[str]:
+    """Return the origins of AGENT_RUNS_CORS_ORIGINS (comma-separated); [] for none.
+
+    Each is ``*`` or a scheme, a host and maybe a port (``https://app.example.com:8443``), as
+    a browser's Origin header carries it; anything else (a path, a trailing slash) would
+    never match, so it is refused when the application starts.
+    """
+    origins = [part.strip() for part in (value or "").split(",") if part.strip()]
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ValueError(
+                f"AGENT_RUNS_CORS_ORIGINS: {origin!r} is not an origin; write it as "
+                "scheme://host[:port] (no path, no trailing slash), or * for any"
+            )
+    return origins
+
+
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[a-z0-9.-]+(:[0-9]{1,5})?", re.IGNORECASE)
 
 
 def otel_traces_requested(environ: Mapping[str, str] | None = None) -> bool:

@@ -53,6 +53,8 @@ class AgentRunsState:
     metrics: Metrics | None = None
     # Built on first request by api.openapi, then served as is.
     openapi_document: dict[str, Any] | None = None
+    # flask-cors's options for the blueprint's answers (api.cors); None: no CORS headers.
+    cors: dict[str, Any] | None = None
     # The key stream tokens are signed with, read from the database on first use.
     _stream_token_key: str | None = None
 
@@ -164,6 +166,8 @@ class AgentRuns:
             with database.connection_context():
                 sweep_expired_runs(observer)
 
+        from .api.cors import cors_options
+
         registry = AgentRegistry.from_file(settings["AGENT_RUNS_AGENTS_FILE"])
         if settings["AGENT_RUNS_LOAD_MODELS_ON_START"]:
             _start_embedded_models(registry, settings["AGENT_RUNS_DEFAULT_MODEL"])
@@ -176,6 +180,7 @@ class AgentRuns:
             webhook_policy=webhook_policy,
             jwt=JWTSettings.from_config(settings),
             metrics=metrics,
+            cors=cors_options(config_module.cors_origins(settings["AGENT_RUNS_CORS_ORIGINS"])),
         )
 
         from .api import bp

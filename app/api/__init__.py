@@ -113,7 +113,9 @@ def _principal(state: Any) -> Principal:
 
 @bp.before_request
 def _open_and_authenticate() -> None:
-    if request.endpoint in PUBLIC_ENDPOINTS:
+    # A CORS preflight (OPTIONS) carries no token; Flask answers it, flask-cors adds its
+    # headers (see api.cors), and no view runs.
+    if request.endpoint in PUBLIC_ENDPOINTS or request.method == "OPTIONS":
         return
     # Bodies carry media inline, so the limit is ours, not the host application's.
     state = current_app.extensions["agent_runs"]
@@ -154,6 +156,7 @@ def _close_database(exc: BaseException | None) -> None:
 # The views register themselves on bp.
 from . import (  # noqa: E402,F401
     agents,
+    cors,
     health,
     metrics,
     openapi,
