@@ -93,6 +93,8 @@ DEFAULTS: dict[str, Any] = {
     "AGENT_RUNS_JWT_ORG_CLAIM": "org_id",
     "AGENT_RUNS_JWT_USER_CLAIM": "sub",
     "AGENT_RUNS_JWT_SCOPES_CLAIM": "scope",
+    # The playground, a chat page for trying agents in a browser, at {prefix}/playground.
+    "AGENT_RUNS_PLAYGROUND": True,
     # Seconds a stream token (POST .../events/token, for a browser's EventSource) stays valid.
     "AGENT_RUNS_STREAM_TOKEN_TTL": 300.0,
     # Origins of browser applications allowed to call the API (CORS), comma-separated, or

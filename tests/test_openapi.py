@@ -71,7 +71,7 @@ def test_every_route_of_the_api_is_described(app, client):
 
 
 # What anyone may call: the document itself and the health checks.
-PUBLIC_PATHS = ("/openapi.json", "/healthz", "/readyz")
+PUBLIC_PATHS = ("/openapi.json", "/healthz", "/readyz", "/playground", "/playground/{name}")
 # Read with a bearer token, or with a stream token in the URL (a browser's EventSource).
 STREAM_TOKEN_PATHS = ("/agents/{agentId}/runs/{runId}/events",)
 

@@ -81,9 +81,16 @@ def _key_reused(error: KeyReused) -> Response:
     return problem(422, str(error), errors={"Idempotency-Key": [str(error)]})
 
 
-# Endpoints anyone may call, with no rate limit: the API's description and the health checks.
+# Endpoints anyone may call, with no rate limit: the API's description, the health checks and
+# the playground's page (which asks for a token, and sends it only in headers).
 PUBLIC_ENDPOINTS = frozenset(
-    {"agent_runs.openapi_document", "agent_runs.healthz", "agent_runs.readyz"}
+    {
+        "agent_runs.openapi_document",
+        "agent_runs.healthz",
+        "agent_runs.readyz",
+        "agent_runs.playground",
+        "agent_runs.playground_asset",
+    }
 )
 # Endpoints that need a scope of their own (else runs:read to read, runs:write to change).
 # A stream token only reads, though asking for one is a POST.
@@ -160,6 +167,7 @@ from . import (  # noqa: E402,F401
     health,
     metrics,
     openapi,
+    playground,
     runs,
     sessions,
     webhooks,

@@ -188,6 +188,48 @@ def _path_parameter(name: str, description: str, **schema: Any) -> dict[str, Any
     }
 
 
+def _playground_paths() -> dict[str, Any]:
+    """The playground's page and files (public: the page asks for a token)."""
+    from .playground import ASSETS
+
+    return {
+        "/playground": {
+            "get": _operation(
+                operation_id="playground",
+                summary="The playground: chat with the agents in a browser.",
+                tag="playground",
+                public=True,
+                errors=(404,),
+                responses={
+                    200: {
+                        "description": "The page.",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            )
+        },
+        "/playground/{name}": {
+            "parameters": [_path_parameter("name", "One of the page's files.", enum=list(ASSETS))],
+            "get": _operation(
+                operation_id="playground_asset",
+                summary="The playground's script or style sheet.",
+                tag="playground",
+                public=True,
+                errors=(404,),
+                responses={
+                    200: {
+                        "description": "The file.",
+                        "content": {
+                            "text/javascript": {"schema": {"type": "string"}},
+                            "text/css": {"schema": {"type": "string"}},
+                        },
+                    }
+                },
+            ),
+        },
+    }
+
+
 def _hours(seconds: float) -> str:
     return f"{seconds / 3600:g} h"
 
@@ -543,6 +585,7 @@ def build_document(app: Flask) -> dict[str, Any]:
                 },
             ),
         },
+        **(_playground_paths() if state.config["AGENT_RUNS_PLAYGROUND"] else {}),
         "/webhooks": {
             "get": _operation(
                 operation_id="webhooks",
@@ -666,6 +709,7 @@ def build_document(app: Flask) -> dict[str, Any]:
             "(Standard Webhooks).",
         ),
         ("meta", "About the API itself."),
+        ("playground", "A page to chat with the agents in a browser."),
         ("operations", "Health checks and metrics, for those who run the server."),
     ):
         spec.tag({"name": tag, "description": description})
