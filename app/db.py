@@ -157,6 +157,25 @@ def check_database(url: str) -> None:
         ) from None
 
 
+# Rows ANALYZE samples of each index: enough for the shape of the tables, and a pass over a
+# database of millions of runs stays a moment on the worker's loop.
+ANALYSIS_LIMIT = 1000
+
+
+def refresh_statistics() -> None:
+    """Tell SQLite's query planner the shape of the tables again (call within a connection).
+
+    Without statistics SQLite guesses from the indexes alone, and on a large table it guessed
+    wrong: runs looked up by id (batch status) or listed by session walked an organisation's
+    index instead of the one that finds them at once. ANALYZE, sampling at most
+    ANALYSIS_LIMIT rows per index, gives it the figures. PostgreSQL keeps its own
+    statistics (autovacuum); nothing is done there.
+    """
+    if isinstance(database.obj, peewee.SqliteDatabase):
+        database.execute_sql(f"PRAGMA analysis_limit = {ANALYSIS_LIMIT}")
+        database.execute_sql("ANALYZE")
+
+
 def sqlite_path() -> str | None:
     """Return the file of the package's SQLite database; None for other databases.
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from agent_runs.db import database
-from agent_runs.models import Run, RunStatus
-from agent_runs.runtime.runs import Principal, list_runs
+from agent_runs.db import database, refresh_statistics
+from agent_runs.models import Run, RunStatus, Session
+from agent_runs.runtime.runs import Principal, get_statuses, list_runs
 
 from .conftest import make_token
 
@@ -178,3 +178,49 @@ def test_each_listing_walks_an_index_newest_first(app, filters, user_id, after):
         plan = [row[-1] for row in database.execute_sql("EXPLAIN QUERY PLAN " + select)]
     assert not [step for step in plan if step.startswith("SCAN")], plan
     assert "USE TEMP B-TREE FOR ORDER BY" not in plan, plan
+
+
+FILL_RUNS = """
+WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 999)
+INSERT INTO session (id, uid, org_id, user_id, agent_id, created_at, updated_at)
+SELECT i + 1, printf('sess_%04d', i), 'acme', '', 'assistant',
+       '2026-11-01 00:00:00', '2026-11-01 00:00:00'
+FROM n;
+
+WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 19999)
+INSERT INTO run (id, org_id, user_id, agent_id, session_id, status, model, input, request,
+                 content, usage, cancel_requested, created_at, started_at, completed_at)
+SELECT printf('run_%08d', i), 'acme', '', 'assistant', i % 1000 + 1, 'COMPLETED',
+       'scripted', 'hi', '{}', 'hello', '{}', 0, '2026-11-01 00:00:00',
+       '2026-11-01 00:00:00', '2026-11-01 00:00:00'
+FROM n
+"""
+
+
+def plan_of(call) -> list[str]:
+    """The query plan of the one SELECT that ``call`` sends."""
+    statements = []
+    connection = database.connection()
+    connection.set_trace_callback(statements.append)
+    try:
+        call()
+    finally:
+        connection.set_trace_callback(None)
+    [select] = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    return [row[-1] for row in database.execute_sql("EXPLAIN QUERY PLAN " + select)]
+
+
+def test_runs_of_one_organisation_are_found_by_id_and_session_once_statistics_are_known(app):
+    """Twenty thousand runs of one organisation and agent: once the statistics are refreshed
+    (each worker's keeper does so at start and hourly), batch status finds its runs by id,
+    and a session's listing by the session, not by walking the organisation's runs."""
+    principal = Principal(org_id="acme", user_id=None)
+    with database.connection_context():
+        for statement in FILL_RUNS.split(";\n\n"):
+            database.execute_sql(statement)
+        refresh_statistics()
+        by_id = plan_of(lambda: get_statuses(principal, "assistant", ["run_00000007"] * 3))
+        session_id = Session.get(Session.uid == "sess_0007").uid
+        by_session = plan_of(lambda: list_runs(principal, session_id=session_id))
+    assert any("sqlite_autoindex_run_1" in step for step in by_id), by_id
+    assert any("run_session_id_created_at" in step for step in by_session), by_session

@@ -26,7 +26,7 @@ import gevent.event
 import gevent.pool
 import gevent.queue
 
-from ..db import DATABASE_DOWN, WalCheckpointer, database, sqlite_path
+from ..db import DATABASE_DOWN, WalCheckpointer, database, refresh_statistics, sqlite_path
 from ..models import RunStatus, utcnow
 from ..providers.base import Provider, ProviderError
 from . import store
@@ -499,6 +499,7 @@ class Executor:
                     if now - last_prune >= PRUNE_EVERY:
                         prune_events(self.settings.retention_days)
                         prune_keys(self.settings.idempotency_ttl)
+                        refresh_statistics()
                         last_prune = now
                 if self._checkpointer is not None and (error := self._checkpointer.take_error()):
                     logger.warning("checkpointing the database's log failed: %s", error)
