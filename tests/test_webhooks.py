@@ -19,6 +19,7 @@ from agent_runs import create_app
 from agent_runs.auth import create_token
 from agent_runs.db import database
 from agent_runs.models import DeliveryStatus, Run, RunStatus, Webhook, WebhookDelivery
+from agent_runs.runtime.addresses import address_allowed
 from agent_runs.runtime.delivery import (
     Answer,
     Attempt,
@@ -31,7 +32,7 @@ from agent_runs.runtime.delivery import (
 )
 from agent_runs.runtime.outbox import EVENT_OF_STATUS
 from agent_runs.runtime.store import sweep_expired_runs
-from agent_runs.runtime.webhooks import WebhookPolicy, address_allowed
+from agent_runs.runtime.webhooks import WebhookPolicy
 from agent_runs.schemas import WEBHOOK_EVENTS
 
 from .webhook_receiver import HANG, Receiver, closed_port

@@ -37,7 +37,8 @@ import httpcore2
 
 from ..db import database
 from ..models import DeliveryStatus, Webhook, WebhookDelivery, utcnow
-from .webhooks import AddressRefused, WebhookPolicy, allowed_addresses
+from .addresses import GuardedBackend
+from .webhooks import WebhookPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -52,38 +53,6 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     key = base64.b64decode(secret.removeprefix("whsec_"))
     signed = f"{message_id}.{timestamp}.".encode() + body
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-
-
-class GuardedBackend(httpcore2.SyncBackend):
-    """Connects only to the addresses the webhook policy allows, resolved as it connects.
-
-    The check and the connection use the same resolution, so a name cannot pass the check
-    with one address and then connect to another. TLS still verifies the URL's host name.
-    """
-
-    def __init__(self, policy: WebhookPolicy) -> None:
-        self.policy = policy
-
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Any = None,
-    ) -> httpcore2.NetworkStream:
-        try:
-            addresses = allowed_addresses(host, port, self.policy)
-        except AddressRefused as refused:
-            raise httpcore2.ConnectError(str(refused)) from None
-        failure: Exception | None = None
-        for address in addresses:
-            try:
-                return super().connect_tcp(address, port, timeout, local_address, socket_options)
-            except (httpcore2.ConnectError, httpcore2.ConnectTimeout) as error:
-                failure = error
-        assert failure is not None
-        raise failure
 
 
 @dataclass(frozen=True)
@@ -156,7 +125,7 @@ class WebhookDeliverer:
             self._client = httpcore2.ConnectionPool(
                 max_connections=self.settings.concurrency,
                 keepalive_expiry=30.0,
-                network_backend=GuardedBackend(self.settings.policy),
+                network_backend=GuardedBackend(self.settings.policy.addresses),
             )
         return self._client
 

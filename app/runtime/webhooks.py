@@ -1,25 +1,21 @@
-"""Webhooks an organisation registers, and which addresses a webhook may point at.
+"""Webhooks an organisation registers, and which URLs a webhook may point at.
 
 A webhook's URL is checked when it is registered, and its host's addresses again at every
-delivery (:mod:`.delivery`), after resolving it: a name that resolved to a public address
-yesterday may resolve to the cloud's metadata service today. Unless the server is told
-otherwise, private, loopback and link-local addresses are refused, so that a token holder
-cannot make the server call into its own network.
+delivery (:mod:`.delivery`), after resolving it, by the server's one address policy
+(:mod:`.addresses`).
 """
 
 from __future__ import annotations
 
 import base64
-import ipaddress
 import secrets
-import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import gevent
 from marshmallow import ValidationError
 
 from ..models import Webhook, utcnow
+from .addresses import AddressPolicy, host_refusal
 from .runs import NotFound
 
 MAX_URL_LENGTH = 2048
@@ -35,42 +31,9 @@ class WebhookPolicy:
     # Seconds a name may take to resolve.
     resolve_timeout: float = 5.0
 
-
-class AddressRefused(Exception):
-    """A webhook's host resolves to no address it may be sent to."""
-
-
-def address_allowed(address: str) -> bool:
-    """Whether an IP address is a public one: not private, loopback, link-local or reserved."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone ("fe80::1%eth0") aside
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
-    return ip.is_global and not ip.is_multicast
-
-
-def resolve(host: str, port: int, timeout: float) -> list[str]:
-    """Return the addresses ``host`` resolves to, in the resolver's order. Raises OSError."""
-    with gevent.Timeout(timeout, OSError(f"resolving {host} took over {timeout:g} s")):
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(info[4][0]) for info in found))
-
-
-def allowed_addresses(host: str, port: int, policy: WebhookPolicy) -> list[str]:
-    """Return the addresses of ``host`` a delivery may connect to; raise AddressRefused if
-    there are none."""
-    try:
-        addresses = resolve(host, port, policy.resolve_timeout)
-    except OSError as error:
-        raise AddressRefused(f"{host} does not resolve ({error})") from None
-    if policy.allow_private:
-        return addresses
-    allowed = [address for address in addresses if address_allowed(address)]
-    if not allowed:
-        raise AddressRefused(
-            f"{host} resolves only to private, loopback or link-local addresses "
-            f"({', '.join(addresses)})"
-        )
-    return allowed
+    @property
+    def addresses(self) -> AddressPolicy:
+        return AddressPolicy(self.allow_private, self.resolve_timeout)
 
 
 def check_url(url: str, policy: WebhookPolicy) -> str:
@@ -98,19 +61,12 @@ def check_url(url: str, policy: WebhookPolicy) -> str:
         raise refuse("Must not carry a user name or password.")
     if parts.fragment:
         raise refuse("Must not have a #fragment.")
-    if policy.allow_private:
-        return url
     default_port = 443 if parts.scheme.lower() == "https" else 80
-    try:
-        addresses = resolve(host, port or default_port, policy.resolve_timeout)
-    except OSError:
-        raise refuse(f"The host {host} does not resolve.") from None
-    refused = [address for address in addresses if not address_allowed(address)]
-    if refused:
-        raise refuse(
-            f"The host {host} points at a private, loopback or link-local address "
-            f"({', '.join(refused)}); webhooks go to public addresses only."
-        )
+    refusal = host_refusal(
+        host, port or default_port, policy.addresses, "webhooks go to public addresses only"
+    )
+    if refusal:
+        raise refuse(refusal)
     return url
 
 
