@@ -51,6 +51,11 @@ DEFAULTS: dict[str, Any] = {
     "AGENT_RUNS_MCP_TOOLS_TTL": 300.0,
     # The largest answer read from an MCP server, in bytes; a larger one fails the call.
     "AGENT_RUNS_MCP_MAX_RESPONSE_BYTES": 8 * 1024 * 1024,
+    # Agents stored through the API (any organisation's admin writes them): the variables of
+    # the server's environment their ${NAME} references and model_options.api_key_env may
+    # read, as names or prefixes ending in * ("CRM_TOKEN,ACME_*"; none by default, never the
+    # server's own AGENT_RUNS_*).
+    "AGENT_RUNS_AGENT_ENV_ALLOW": "",
     # A running run's lease: renewed by its worker; once expired, the run is failed as lost.
     "AGENT_RUNS_LEASE_SECONDS": 30.0,
     # How often cancel requests from other workers are picked up, and how often a stream of a

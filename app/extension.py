@@ -21,7 +21,7 @@ from .db import check_database, database, migrate, open_database
 from .limits import RateLimiter
 from .logs import RunLog
 from .runtime.agent_store import AgentCatalog
-from .runtime.agents import AgentRegistry
+from .runtime.agents import AgentRegistry, StoredAgentPolicy, variable_allow_list
 from .runtime.delivery import DeliverySettings, WebhookDeliverer
 from .runtime.executor import Executor, ExecutorSettings
 from .runtime.mcp import McpSettings
@@ -107,6 +107,11 @@ class AgentRuns:
         # A wrong URL or a database out of reach is said now, in one line, not at the first
         # request.
         check_database(url)
+        # What agents stored through the API (any organisation's admin writes them) may read
+        # of the server's environment.
+        stored_agent_policy = StoredAgentPolicy(
+            environment=variable_allow_list(settings["AGENT_RUNS_AGENT_ENV_ALLOW"]),
+        )
         webhook_policy = WebhookPolicy(
             allow_http=settings["AGENT_RUNS_WEBHOOK_ALLOW_HTTP"],
             allow_private=settings["AGENT_RUNS_WEBHOOK_ALLOW_PRIVATE"],
@@ -174,7 +179,7 @@ class AgentRuns:
         app.extensions["agent_runs"] = AgentRunsState(
             config=settings,
             registry=registry,
-            agents=AgentCatalog(registry),
+            agents=AgentCatalog(registry, stored_agent_policy),
             executor=executor,
             rate_limiter=RateLimiter(settings["AGENT_RUNS_RATE_LIMIT"]),
             webhook_policy=webhook_policy,

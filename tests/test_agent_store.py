@@ -314,3 +314,148 @@ def test_every_worker_runs_the_current_version(tmp_path):
         assert set(statuses) <= {200, 409} and 200 in statuses, statuses
         versions = call("GET", "/api/agents/support/versions").json()
         assert [v["version"] for v in versions] == list(range(11 + statuses.count(200), 0, -1))
+
+
+# What an organisation's agent may read of the server's environment ------------------------
+
+
+def app_with(database_url, **settings):
+    """Another application on the test's database, with settings of its own."""
+    from agent_runs import create_app
+
+    config = {"AGENT_RUNS_DATABASE_URL": database_url, "TESTING": True}
+    return create_app({**config, **{f"AGENT_RUNS_{k.upper()}": v for k, v in settings.items()}})
+
+
+def crm_server(**settings):
+    return {"name": "crm", "url": "https://93.184.215.14/mcp", **settings}
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (
+            {"mcp_servers": [crm_server(headers={"Authorization": "Bearer ${SECRET_OF_SERVER}"})]},
+            "mcp_servers.0.headers.Authorization",
+        ),
+        (
+            {"mcp_servers": [crm_server(url="https://93.184.215.14/mcp?t=${SECRET_OF_SERVER}")]},
+            "mcp_servers.0.url",
+        ),
+        (
+            {"mcp_servers": [crm_server(url="https://${SECRET_OF_SERVER}.example.com/mcp")]},
+            "mcp_servers.0.url",
+        ),
+        (
+            {
+                "model": "openai:gpt-4o-mini",
+                "model_options": {
+                    "base_url": "https://93.184.215.14/v1",
+                    "api_key_env": "SECRET_OF_SERVER",
+                },
+            },
+            "model_options.api_key_env",
+        ),
+        (
+            {"mcp_servers": [crm_server(headers={"X-Db": "${AGENT_RUNS_DATABASE_URL}"})]},
+            "mcp_servers.0.headers.X-Db",
+        ),
+        (
+            {"mcp_servers": [crm_server(headers={"X-Jwt": "${AGENT_RUNS_JWT_SECRET}"})]},
+            "mcp_servers.0.headers.X-Jwt",
+        ),
+    ],
+)
+def test_an_api_agent_reads_no_variable_the_server_does_not_allow(
+    client, admin, monkeypatch, changes, field
+):
+    """Any organisation's admin writes these: a ${NAME} the operator did not allow would send
+    the server's secret wherever the definition says."""
+    monkeypatch.setenv("SECRET_OF_SERVER", "the-servers-own-secret")
+    response = client.post("/api/agents", headers=admin, json={**SUPPORT, **changes})
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert response.mimetype == "application/problem+json"
+    assert field in response.json["detail"], response.json
+    assert "AGENT_RUNS_AGENT_ENV_ALLOW" in response.json["detail"]
+    assert "the-servers-own-secret" not in response.get_data(as_text=True)
+    create(client, admin)
+    patched = client.patch("/api/agents/support", headers=admin, json=changes)
+    assert patched.status_code == 422 and field in patched.json["detail"]
+    assert client.get("/api/agents/support", headers=admin).json["version"] == 1
+
+
+def test_the_variables_the_server_allows_may_be_named(database_url):
+    app = app_with(database_url, agent_env_allow="CRM_TOKEN, ACME_*, AGENT_RUNS_*")
+    client = app.test_client()
+    with app.app_context():
+        headers = admin_token()
+    allowed = {
+        "mcp_servers": [
+            crm_server(headers={"Authorization": "Bearer ${CRM_TOKEN}", "X-Tenant": "${ACME_T}"})
+        ],
+        "model": "openai:gpt-4o-mini",
+        "model_options": {"base_url": "https://93.184.215.14/v1", "api_key_env": "ACME_KEY"},
+    }
+    response = client.post("/api/agents", headers=headers, json={**SUPPORT, **allowed})
+    assert response.status_code == 201, response.json
+    for changes, field in (
+        ({"mcp_servers": [crm_server(headers={"X-Other": "${CRM_TOKEN2}"})]}, "X-Other"),
+        ({"model_options": {"api_key_env": "ACME"}}, "model_options.api_key_env"),
+        # The server's own settings never, whatever the list says.
+        ({"mcp_servers": [crm_server(headers={"X": "${AGENT_RUNS_JWT_SECRET}"})]}, "X"),
+    ):
+        patched = client.patch("/api/agents/support", headers=headers, json=changes)
+        assert patched.status_code == 422, patched.json
+        assert field in patched.json["detail"]
+    # A credential written out stays refused, allowed variables or not.
+    for written in ({"Authorization": "Bearer x1"}, {"X-Api-Key": "abcd1234"}):
+        changes = {"mcp_servers": [crm_server(headers=written)]}
+        patched = client.patch("/api/agents/support", headers=headers, json=changes)
+        assert patched.status_code == 422, patched.json
+        assert "written out" in patched.json["detail"]
+    app.extensions["agent_runs"].executor.shutdown(timeout=5)
+
+
+def test_a_version_naming_a_variable_no_longer_allowed_is_refused_when_it_runs(
+    database_url, monkeypatch
+):
+    monkeypatch.setenv("CRM_TOKEN", "token-of-the-server")
+    lenient = app_with(database_url, agent_env_allow="CRM_TOKEN")
+    with lenient.app_context():
+        headers = admin_token()
+        auth = make_token()
+    server = crm_server(headers={"Authorization": "Bearer ${CRM_TOKEN}"})
+    stored = lenient.test_client().post(
+        "/api/agents", headers=headers, json={**SUPPORT, "mcp_servers": [server]}
+    )
+    assert stored.status_code == 201, stored.json
+    lenient.extensions["agent_runs"].executor.shutdown(timeout=5)
+    # The operator took CRM_TOKEN off the list: the stored version no longer runs.
+    strict = app_with(database_url)
+    response = strict.test_client().post(
+        "/api/agents/support/runs", headers=auth, json={"message": "hi"}
+    )
+    assert response.status_code == 409, response.json
+    assert "no longer fits" in response.json["detail"]
+    assert "mcp_servers.0.headers.Authorization" in response.json["detail"]
+    strict.extensions["agent_runs"].executor.shutdown(timeout=5)
+
+
+def test_the_allow_list_is_names_or_prefixes():
+    from agent_runs.runtime.agents import StoredAgentPolicy, variable_allow_list
+
+    assert variable_allow_list(" CRM_TOKEN, ACME_* ,") == ("CRM_TOKEN", "ACME_*")
+    assert variable_allow_list("") == ()
+    for bad in ("*", "CRM-TOKEN", "A*B", "${X}"):
+        with pytest.raises(ValueError, match="AGENT_RUNS_AGENT_ENV_ALLOW"):
+            variable_allow_list(bad)
+    policy = StoredAgentPolicy(("CRM_TOKEN", "ACME_*", "AGENT_RUNS_*"))
+    assert policy.allows_variable("CRM_TOKEN") and policy.allows_variable("ACME_")
+    assert not policy.allows_variable("CRM_TOKEN_2") and not policy.allows_variable("ACM")
+    assert not policy.allows_variable("AGENT_RUNS_JWT_SECRET")
+    assert not StoredAgentPolicy().allows_variable("CRM_TOKEN")
+
+
+def test_a_server_given_a_bad_allow_list_does_not_start(database_url):
+    with pytest.raises(ValueError, match="AGENT_RUNS_AGENT_ENV_ALLOW"):
+        app_with(database_url, agent_env_allow="*")

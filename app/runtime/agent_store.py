@@ -24,7 +24,14 @@ import peewee
 
 from ..db import database
 from ..models import AgentDefinition, utcnow
-from .agents import Agent, AgentDefinitionError, AgentRegistry, Tool, build_agent
+from .agents import (
+    Agent,
+    AgentDefinitionError,
+    AgentRegistry,
+    StoredAgentPolicy,
+    Tool,
+    build_agent,
+)
 from .runs import NotFound
 
 # The largest definition an organisation may store, as JSON text.
@@ -58,8 +65,14 @@ def merge_patch(target: Any, patch: Any) -> Any:
 class AgentCatalog:
     """The agents an organisation may run: the server's first, then its own."""
 
-    def __init__(self, registry: AgentRegistry, cache_size: int = CACHE_SIZE) -> None:
+    def __init__(
+        self,
+        registry: AgentRegistry,
+        policy: StoredAgentPolicy | None = None,
+        cache_size: int = CACHE_SIZE,
+    ) -> None:
         self.registry = registry
+        self.policy = policy or StoredAgentPolicy()
         self._built: OrderedDict[tuple[str, str, int], Agent] = OrderedDict()
         self._cache_size = cache_size
 
@@ -161,10 +174,10 @@ class AgentCatalog:
             self._built.move_to_end(key)
             return agent
         try:
-            agent = build_agent(row.definition, self.tools())
+            agent = build_agent(row.definition, self.tools(), policy=self.policy)
         except AgentDefinitionError as error:
             # Stored when it was valid; the server changed since (a tool no longer
-            # registered, say).
+            # registered, a variable no longer allowed, say).
             raise AgentConflict(
                 f"Agent {row.agent_id!r} version {row.version} no longer fits this server: "
                 f"{error}. Store a new version."
@@ -238,7 +251,7 @@ class AgentCatalog:
                 f"An agent definition may be at most {MAX_DEFINITION_BYTES} bytes as JSON.",
                 {"_schema": [f"At most {MAX_DEFINITION_BYTES} bytes as JSON (got {size})."]},
             )
-        build_agent(definition, self.tools())
+        build_agent(definition, self.tools(), policy=self.policy)
 
     def _store(
         self,

@@ -33,6 +33,7 @@ from marshmallow import ValidationError
 from ..providers.base import PROVIDERS, ToolSpec
 from ..schemas import AGENT_ID_PATTERN as _AGENT_ID
 from ..schemas import (
+    ENV_REFERENCE,
     AgentDefinitionSchema,
     McpServerSchema,
     ResponseFormatSchema,
@@ -367,13 +368,96 @@ def _model_problem(model: str) -> str | None:
     return f"unknown model provider {provider!r} (known: {', '.join(sorted(PROVIDERS))})"
 
 
+# The server's own settings (its JWT secret, its database's URL): never an organisation's.
+_SERVER_VARIABLES = "AGENT_RUNS_"
+
+
+def variable_allow_list(setting: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Read AGENT_RUNS_AGENT_ENV_ALLOW: variable names, or prefixes ending in ``*``,
+    comma-separated. Raises ValueError for an entry that is neither (a lone ``*`` among them:
+    the whole environment is no list)."""
+    entries = setting.split(",") if isinstance(setting, str) else list(setting or ())
+    names = []
+    for entry in (str(e).strip() for e in entries):
+        if not entry:
+            continue
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*\*?", entry):
+            raise ValueError(
+                f"AGENT_RUNS_AGENT_ENV_ALLOW: {entry!r} is neither a variable's name nor a "
+                "prefix such as CRM_* (a lone * would hand out the whole environment)"
+            )
+        names.append(entry)
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class StoredAgentPolicy:
+    """What an agent stored through the API may make the server do, beyond the file's rules.
+
+    Any organisation's admin writes those agents, so what their ``${NAME}`` references (and
+    ``model_options.api_key_env``) may read is the operator's list, ``environment``: names,
+    or prefixes ending in ``*``; none by default, and never the server's own ``AGENT_RUNS_*``
+    settings.
+    """
+
+    environment: tuple[str, ...] = ()
+
+    def allows_variable(self, name: str) -> bool:
+        if name.startswith(_SERVER_VARIABLES):
+            return False
+        return any(
+            name.startswith(entry[:-1]) if entry.endswith("*") else name == entry
+            for entry in self.environment
+        )
+
+    def variable_problem(self, names: Iterable[str]) -> str | None:
+        """Say which of ``names`` a stored agent may not read, or None if it may read all."""
+        refused = [name for name in dict.fromkeys(names) if not self.allows_variable(name)]
+        if not refused:
+            return None
+        allowed = ", ".join(self.environment) or "none"
+        return (
+            f"Names the server's environment variable {', '.join(refused)}, which agents "
+            "stored through the API may not read: only those the server's "
+            f"AGENT_RUNS_AGENT_ENV_ALLOW lists (here: {allowed})."
+        )
+
+
+def _variable_errors(data: Mapping[str, Any], policy: StoredAgentPolicy) -> dict[str, Any]:
+    """The fields of a loaded definition that name variables ``policy`` does not allow."""
+    errors: dict[str, Any] = {}
+    for index, server in enumerate(data.get("mcp_servers") or ()):
+        problems: dict[str, Any] = {}
+        url = server.get("url")
+        if url and (problem := policy.variable_problem(ENV_REFERENCE.findall(url))):
+            problems["url"] = [problem]
+        for name, value in (server.get("headers") or {}).items():
+            if problem := policy.variable_problem(ENV_REFERENCE.findall(value)):
+                problems.setdefault("headers", {})[name] = [problem]
+        if problems:
+            errors.setdefault("mcp_servers", {})[index] = problems
+    key_variable = (data.get("model_options") or {}).get("api_key_env")
+    if key_variable is not None:
+        problem = policy.variable_problem([str(key_variable)])
+        if not isinstance(key_variable, str) or problem:
+            errors["model_options"] = {
+                "api_key_env": [problem or "Must be the name of a variable."]
+            }
+    return errors
+
+
 def _definition_error(errors: dict[str, Any], where: str = "") -> AgentDefinitionError:
     reasons = "; ".join(f"{path}: {text}" for path, text in field_messages(errors))
     return AgentDefinitionError(f"{where}: {reasons}" if where else reasons, errors)
 
 
 def build_agent(
-    definition: Any, known_tools: Mapping[str, Tool], *, imports: bool = False, where: str = ""
+    definition: Any,
+    known_tools: Mapping[str, Tool],
+    *,
+    imports: bool = False,
+    where: str = "",
+    policy: StoredAgentPolicy | None = None,
 ) -> Agent:
     """Validate an agent definition (:class:`AgentDefinitionSchema`) and build its agent.
 
@@ -381,9 +465,11 @@ def build_agent(
     are names in ``known_tools`` or, with ``imports``, ``module:function`` paths; models must
     name a provider this server has. MCP servers that are local commands (stdio) are taken
     only with ``imports``, from the server's own agents file: a definition from the API
-    would otherwise have the server run whatever command its caller wrote. Raises
-    :class:`AgentDefinitionError`, whose ``errors`` name each field that is wrong (and whose
-    message starts with ``where``).
+    would otherwise have the server run whatever command its caller wrote. Without
+    ``imports`` the definition is an organisation's, held to ``policy`` (by default the
+    strictest): its ``${NAME}`` references and ``api_key_env`` must name variables the
+    policy allows. Raises :class:`AgentDefinitionError`,
+    whose ``errors`` name each field that is wrong (and whose message starts with ``where``).
     """
     if not isinstance(definition, dict):
         raise _definition_error({"_schema": ["An agent definition is a mapping."]}, where)
@@ -408,14 +494,13 @@ def build_agent(
         if allowed != "*" and (problem := _model_problem(allowed)):
             errors.setdefault("allowed_models", {})[index] = [problem]
     if not imports:
+        errors.update(_variable_errors(data, policy or StoredAgentPolicy()))
         for index, server in enumerate(data.get("mcp_servers") or ()):
             if server.get("command") is not None:
-                errors.setdefault("mcp_servers", {})[index] = {
-                    "command": [
-                        "A local command is taken only from the server's agents file; "
-                        "give the MCP server's url."
-                    ]
-                }
+                errors.setdefault("mcp_servers", {}).setdefault(index, {})["command"] = [
+                    "A local command is taken only from the server's agents file; "
+                    "give the MCP server's url."
+                ]
     if errors:
         raise _definition_error(errors, where)
     try:
