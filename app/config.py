@@ -54,8 +54,10 @@ DEFAULTS: dict[str, Any] = {
     # Agents stored through the API (any organisation's admin writes them): the variables of
     # the server's environment their ${NAME} references and model_options.api_key_env may
     # read, as names or prefixes ending in * ("CRM_TOKEN,ACME_*"; none by default, never the
-    # server's own AGENT_RUNS_*).
+    # server's own AGENT_RUNS_*), and whether their MCP servers and model servers may be at
+    # private, loopback and link-local addresses.
     "AGENT_RUNS_AGENT_ENV_ALLOW": "",
+    "AGENT_RUNS_AGENT_ALLOW_PRIVATE": False,
     # A running run's lease: renewed by its worker; once expired, the run is failed as lost.
     "AGENT_RUNS_LEASE_SECONDS": 30.0,
     # How often cancel requests from other workers are picked up, and how often a stream of a

@@ -20,6 +20,7 @@ from .auth import JWTSettings, stream_token_key
 from .db import check_database, database, migrate, open_database
 from .limits import RateLimiter
 from .logs import RunLog
+from .runtime.addresses import AddressPolicy
 from .runtime.agent_store import AgentCatalog
 from .runtime.agents import AgentRegistry, StoredAgentPolicy, variable_allow_list
 from .runtime.delivery import DeliverySettings, WebhookDeliverer
@@ -108,9 +109,10 @@ class AgentRuns:
         # request.
         check_database(url)
         # What agents stored through the API (any organisation's admin writes them) may read
-        # of the server's environment.
+        # of the server's environment and where they may make it connect.
         stored_agent_policy = StoredAgentPolicy(
             environment=variable_allow_list(settings["AGENT_RUNS_AGENT_ENV_ALLOW"]),
+            addresses=AddressPolicy(allow_private=settings["AGENT_RUNS_AGENT_ALLOW_PRIVATE"]),
         )
         webhook_policy = WebhookPolicy(
             allow_http=settings["AGENT_RUNS_WEBHOOK_ALLOW_HTTP"],
@@ -158,6 +160,7 @@ class AgentRuns:
                     # Listing a server's tools, which a run waits for before its first model
                     # call, may take as long as a tool call, up to ten seconds.
                     list_timeout=min(10.0, settings["AGENT_RUNS_TOOL_TIMEOUT"]),
+                    addresses=stored_agent_policy.addresses,
                 ),
             ),
             # The outbox's deliverer lives and stops with the worker's other services.

@@ -1,5 +1,7 @@
 """Agents as data: an organisation's own agents, stored through the API as versions."""
 
+import dataclasses
+import json
 import sys
 
 import gevent
@@ -9,9 +11,15 @@ import requests
 from agent_runs.auth import create_token
 from agent_runs.db import database
 from agent_runs.models import AgentDefinition
+from agent_runs.runtime.addresses import AddressPolicy
+from agent_runs.runtime.agents import McpServer
+from agent_runs.runtime.mcp import McpClients, McpError, McpSettings, McpTool, McpToolbox
 
 from .conftest import make_token
+from .mcp_servers import McpServerProcess
 from .server import GunicornServer
+from .sse import parse_stream
+from .webhook_receiver import Receiver
 
 
 def admin_token(org_id="acme", user_id=None):
@@ -238,7 +246,7 @@ def test_a_local_command_is_refused_from_the_api(client, admin, auth, tmp_path):
     assert stale.status_code == 409 and "no longer fits" in stale.json["detail"]
     assert not ran.exists()
     # A server over HTTP is an API agent's to name.
-    remote = {"name": "crm", "url": "https://crm.example.com/mcp"}
+    remote = {"name": "crm", "url": "https://93.184.215.14/mcp"}  # a public address
     changed = client.patch("/api/agents/support", headers=admin, json={"mcp_servers": [remote]})
     assert changed.status_code == 200, changed.json
 
@@ -459,3 +467,163 @@ def test_the_allow_list_is_names_or_prefixes():
 def test_a_server_given_a_bad_allow_list_does_not_start(database_url):
     with pytest.raises(ValueError, match="AGENT_RUNS_AGENT_ENV_ALLOW"):
         app_with(database_url, agent_env_allow="*")
+
+
+# Where an organisation's agent may make the server connect --------------------------------
+
+PRIVATE_URLS = [
+    "http://127.0.0.1:9/mcp",
+    "http://localhost:8000/mcp",  # a name that resolves to loopback
+    "http://169.254.169.254/latest/meta-data/",  # the cloud's metadata service
+    "http://10.1.2.3/mcp",
+    "http://192.168.1.1/mcp",
+    "https://[::1]/mcp",
+    "https://[::ffff:127.0.0.1]/mcp",
+    "http://0.0.0.0:8080/mcp",
+]
+
+
+@pytest.mark.parametrize("url", PRIVATE_URLS)
+def test_an_mcp_server_at_a_private_address_is_refused(client, admin, url):
+    response = client.post(
+        "/api/agents", headers=admin, json={**SUPPORT, "mcp_servers": [crm_server(url=url)]}
+    )
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert response.mimetype == "application/problem+json"
+    [message] = response.json["errors"]["mcp_servers"]["0"]["url"]
+    assert "private, loopback or link-local" in message
+    assert "mcp_servers.0.url" in response.json["detail"]
+    create(client, admin)
+    patched = client.patch(
+        "/api/agents/support", headers=admin, json={"mcp_servers": [crm_server(url=url)]}
+    )
+    assert patched.status_code == 422 and "mcp_servers.0.url" in patched.json["detail"]
+
+
+@pytest.mark.parametrize(
+    "base_url", ["http://169.254.169.254/v1", "http://localhost:11434/v1", "http://10.0.0.7/v1"]
+)
+def test_a_model_server_at_a_private_address_is_refused(client, admin, base_url):
+    definition = {**SUPPORT, "model": "openai:m", "model_options": {"base_url": base_url}}
+    response = client.post("/api/agents", headers=admin, json=definition)
+    assert response.status_code == 422, response.get_data(as_text=True)
+    [message] = response.json["errors"]["model_options"]["base_url"]
+    assert "private, loopback or link-local" in message
+
+
+def test_a_host_that_does_not_resolve_or_is_no_url_is_refused(client, admin):
+    for changes, field in (
+        ({"mcp_servers": [crm_server(url="https://nowhere.invalid/mcp")]}, "mcp_servers.0.url"),
+        ({"model": "openai:m", "model_options": {"base_url": "ftp://x"}}, "base_url"),
+        ({"model": "openai:m", "model_options": {"base_url": 7}}, "base_url"),
+    ):
+        response = client.post("/api/agents", headers=admin, json={**SUPPORT, **changes})
+        assert response.status_code == 422, response.json
+        assert field in response.json["detail"]
+
+
+def test_the_host_an_allowed_variable_makes_is_the_one_checked(database_url, monkeypatch):
+    monkeypatch.setenv("MCP_HOST", "127.0.0.1")
+    app = app_with(database_url, agent_env_allow="MCP_HOST")
+    with app.app_context():
+        headers = admin_token()
+    servers = [crm_server(url="http://${MCP_HOST}:9/mcp")]
+    response = app.test_client().post(
+        "/api/agents", headers=headers, json={**SUPPORT, "mcp_servers": servers}
+    )
+    assert response.status_code == 422, response.json
+    assert "127.0.0.1" in response.json["errors"]["mcp_servers"]["0"]["url"][0]
+    app.extensions["agent_runs"].executor.shutdown(timeout=5)
+
+
+def mcp_events(client, auth, agent="support", message="A-17", **body):
+    response = client.post(
+        f"/api/agents/{agent}/runs/stream", headers=auth, json={"message": message, **body}
+    )
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return parse_stream(response.get_data(as_text=True))
+
+
+def tool_ends(events):
+    return [json.loads(e["data"]) for e in events if e["event"] == "TOOL_END"]
+
+
+def test_the_server_may_allow_private_addresses(database_url, monkeypatch):
+    """With AGENT_RUNS_AGENT_ALLOW_PRIVATE an organisation's agent calls an MCP server on the
+    server's own network, with the variables the server allows."""
+    monkeypatch.setenv("CRM_TENANT", "acme-corp")
+    app = app_with(database_url, agent_allow_private=True, agent_env_allow="CRM_TENANT")
+    client = app.test_client()
+    with app.app_context():
+        headers, auth = admin_token(), make_token()
+    with McpServerProcess() as crm:
+        server = crm_server(
+            url=crm.url, tools=["lookup_order", "whoami"], headers={"X-Tenant": "${CRM_TENANT}"}
+        )
+        definition = {**SUPPORT, "tools": [], "mcp_servers": [server]}
+        assert client.post("/api/agents", headers=headers, json=definition).status_code == 201
+        [end] = tool_ends(mcp_events(client, auth, message="A-17"))
+        assert end["name"] == "crm__lookup_order" and end["result"] == "Order A-17: shipped"
+        client.patch(
+            "/api/agents/support",
+            headers=headers,
+            json={"mcp_servers": [{**server, "tools": ["whoami"]}]},
+        )
+        [end] = tool_ends(mcp_events(client, auth, message="who"))
+        assert end["result"] == "user=nobody tenant=acme-corp"
+    app.extensions["agent_runs"].executor.shutdown(timeout=5)
+
+
+def test_a_private_address_is_refused_when_connecting(database_url, agents):
+    """A server that stops allowing private addresses never connects to one for an
+    organisation's agent, whatever was stored (or whatever a name resolves to by then); the
+    run goes on without the server's tools. Its own agents' servers are not held to it."""
+    lenient = app_with(database_url, agent_allow_private=True)
+    with lenient.app_context():
+        headers, auth = admin_token(), make_token()
+    with Receiver() as receiver:
+        url = f"http://localhost:{receiver.port}/mcp"
+        definition = {**SUPPORT, "tools": [], "mcp_servers": [crm_server(url=url)]}
+        stored = lenient.test_client().post("/api/agents", headers=headers, json=definition)
+        assert stored.status_code == 201, stored.json
+        lenient.extensions["agent_runs"].executor.shutdown(timeout=5)
+
+        strict = app_with(database_url)
+        client = strict.test_client()
+        events = mcp_events(client, auth, message="A-17")
+        assert [e["event"] for e in events if e["event"].startswith("TOOL")] == []
+        assert events[-1]["event"] == "STOP"
+        state = strict.extensions["agent_runs"]
+        with database.connection_context():
+            agent = state.agents.get("acme", "support")
+        toolbox = McpToolbox(state.executor.mcp, agent.mcp_servers)
+        assert toolbox.list(taken=set()) == []
+        reason = toolbox.unavailable["crm"]
+        assert "ConnectError: localhost resolves only to private, loopback or link-local" in (
+            reason
+        )
+        assert receiver.received == []
+        strict.extensions["agent_runs"].executor.shutdown(timeout=5)
+
+
+def test_a_call_to_a_guarded_server_is_refused_as_it_connects():
+    """The check is made for every connection, a tool call's too: its error is what TOOL_END
+    carries. The same server, as the agents file names it, is reached."""
+    with McpServerProcess() as crm:
+        clients = McpClients(McpSettings(addresses=AddressPolicy()))
+        trusted = McpServer(name="crm", url=crm.url.replace("127.0.0.1", "localhost"))
+        guarded = dataclasses.replace(trusted, guarded=True)
+        assert "lookup_order" in [t["name"] for t in clients.list_tools(trusted, {})]
+        tool = McpTool("crm__lookup_order", guarded, "lookup_order", "", {"type": "object"})
+        result, error = McpToolbox(clients, (guarded,)).call(tool, {"order_id": "A-1"}, 5)
+        assert result is None
+        assert "ConnectError: localhost resolves only to private, loopback or link-local" in error
+        with pytest.raises(McpError, match="private, loopback or link-local"):
+            clients.list_tools(guarded, {})
+        allowed = McpClients(McpSettings(addresses=AddressPolicy(allow_private=True)))
+        assert allowed.call(guarded, {}, "lookup_order", {"order_id": "A-2"}, 5) == (
+            "Order A-2: shipped",
+            None,
+        )
+        clients.close()
+        allowed.close()

@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import peewee
 
 from ..db import database
 from ..models import AgentDefinition, utcnow
+from ..schemas import ENV_REFERENCE, field_messages
+from .addresses import AddressPolicy, host_refusal
 from .agents import (
     Agent,
     AgentDefinitionError,
@@ -251,7 +255,11 @@ class AgentCatalog:
                 f"An agent definition may be at most {MAX_DEFINITION_BYTES} bytes as JSON.",
                 {"_schema": [f"At most {MAX_DEFINITION_BYTES} bytes as JSON (got {size})."]},
             )
-        build_agent(definition, self.tools(), policy=self.policy)
+        agent = build_agent(definition, self.tools(), policy=self.policy)
+        errors = _address_errors(agent, self.policy.addresses)
+        if errors:
+            reasons = "; ".join(f"{path}: {text}" for path, text in field_messages(errors))
+            raise AgentDefinitionError(reasons, errors)
 
     def _store(
         self,
@@ -283,6 +291,52 @@ class AgentCatalog:
                 f"Agent {agent_id!r} changed while this change was made (it is past version "
                 f"{version - 1}); read it again and retry."
             ) from None
+
+
+# How a refusal of an organisation's URL ends.
+ADDRESS_RULE = "an organisation's agents reach public addresses only"
+
+
+def url_refusal(url: str, policy: AddressPolicy, environ: Mapping[str, str]) -> str | None:
+    """Say why an organisation's agent may not reach ``url``, or None if it may.
+
+    Its ``${NAME}`` references (already checked against the allowed variables) are expanded
+    first: the host they make is the one connected to.
+    """
+    missing = [name for name in ENV_REFERENCE.findall(url) if name not in environ]
+    if missing:
+        return f"Names the variable {', '.join(missing)}, which is not set on this server."
+    parts = urlsplit(ENV_REFERENCE.sub(lambda match: environ[match.group(1)], url))
+    try:
+        port = parts.port
+    except ValueError:
+        return "Must be an http(s) URL with a valid port."
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "Must be an http(s) URL."
+    default_port = 443 if parts.scheme == "https" else 80
+    return host_refusal(parts.hostname, port or default_port, policy, ADDRESS_RULE)
+
+
+def _address_errors(agent: Agent, policy: AddressPolicy) -> dict[str, Any]:
+    """The fields of an organisation's agent that point where the server may not connect:
+    its MCP servers' URLs and its model server's ``base_url``, resolved now (and the MCP
+    servers' again at every connection)."""
+    errors: dict[str, Any] = {}
+    if policy.allow_private:
+        return errors
+    for index, server in enumerate(agent.mcp_servers):
+        if server.url is not None and (problem := url_refusal(server.url, policy, os.environ)):
+            errors.setdefault("mcp_servers", {})[index] = {"url": [problem]}
+    base_url = agent.model_options.get("base_url")
+    if base_url is not None:
+        problem = (
+            url_refusal(base_url, policy, os.environ)
+            if isinstance(base_url, str)
+            else "Must be an http(s) URL."
+        )
+        if problem:
+            errors["model_options"] = {"base_url": [problem]}
+    return errors
 
 
 def _versions(org_id: str, agent_id: str) -> peewee.ModelSelect[AgentDefinition]:

@@ -39,6 +39,7 @@ from ..schemas import (
     ResponseFormatSchema,
     field_messages,
 )
+from .addresses import AddressPolicy
 
 AGENT_ID_PATTERN = re.compile(_AGENT_ID)
 TOOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -158,6 +159,9 @@ class McpServer:
     requires_approval: frozenset[str] = frozenset()
     # Seconds one call may take; None uses the server's AGENT_RUNS_TOOL_TIMEOUT.
     timeout: float | None = None
+    # An organisation's server (its agent was stored through the API): connections to it go
+    # only to the addresses the server's policy allows, checked as each is made.
+    guarded: bool = False
 
     @property
     def prefix(self) -> str:
@@ -174,7 +178,7 @@ def mcp_server(definition: Mapping[str, Any], where: str = "mcp_servers") -> Mcp
     return _mcp_server(data)
 
 
-def _mcp_server(data: Mapping[str, Any]) -> McpServer:
+def _mcp_server(data: Mapping[str, Any], guarded: bool = False) -> McpServer:
     tools = data.get("tools")
     return McpServer(
         name=data["name"],
@@ -186,6 +190,7 @@ def _mcp_server(data: Mapping[str, Any]) -> McpServer:
         tools=None if tools is None else tuple(dict.fromkeys(tools)),
         requires_approval=frozenset(data.get("requires_approval") or ()),
         timeout=data.get("timeout"),
+        guarded=guarded,
     )
 
 
@@ -397,10 +402,11 @@ class StoredAgentPolicy:
     Any organisation's admin writes those agents, so what their ``${NAME}`` references (and
     ``model_options.api_key_env``) may read is the operator's list, ``environment``: names,
     or prefixes ending in ``*``; none by default, and never the server's own ``AGENT_RUNS_*``
-    settings.
+    settings. Where their MCP servers and model servers may be is ``addresses``.
     """
 
     environment: tuple[str, ...] = ()
+    addresses: AddressPolicy = field(default_factory=AddressPolicy)
 
     def allows_variable(self, name: str) -> bool:
         if name.startswith(_SERVER_VARIABLES):
@@ -468,7 +474,9 @@ def build_agent(
     would otherwise have the server run whatever command its caller wrote. Without
     ``imports`` the definition is an organisation's, held to ``policy`` (by default the
     strictest): its ``${NAME}`` references and ``api_key_env`` must name variables the
-    policy allows. Raises :class:`AgentDefinitionError`,
+    policy allows, and its MCP servers are guarded: connections to them go only where
+    ``policy.addresses`` allows, checked as each is made (and when the definition is stored,
+    by :mod:`.agent_store`). Raises :class:`AgentDefinitionError`,
     whose ``errors`` name each field that is wrong (and whose message starts with ``where``).
     """
     if not isinstance(definition, dict):
@@ -516,7 +524,9 @@ def build_agent(
             model_options=dict(data.get("model_options") or {}),
             explain_tool_calls=data.get("explain_tool_calls", False),
             context_tokens=data.get("context_tokens", 32_000),
-            mcp_servers=tuple(_mcp_server(server) for server in data.get("mcp_servers") or ()),
+            mcp_servers=tuple(
+                _mcp_server(server, guarded=not imports) for server in data.get("mcp_servers") or ()
+            ),
             response_format=data.get("response_format"),
         )
     except AgentDefinitionError as error:  # what only the whole agent shows: names that clash

@@ -40,9 +40,11 @@ import gevent.subprocess
 from ..providers.base import ToolSpec
 from ..providers.sdk import display_url, trio_hidden
 from ..schemas import ENV_REFERENCE
+from .addresses import AddressPolicy, GuardedBackend
 from .agents import McpServer
 
 with trio_hidden():
+    import httpcore2
     import httpx2
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ class McpSettings:
     # Sessions (servers times sets of credentials) a worker keeps open; the least recently
     # used is closed beyond that.
     max_sessions: int = 256
+    # Where the servers of agents stored through the API may be (their McpServer.guarded).
+    addresses: AddressPolicy = field(default_factory=AddressPolicy)
 
 
 @dataclass(frozen=True)
@@ -589,6 +593,7 @@ def server_key(server: McpServer) -> str:
     """What identifies a server's definition: where it is and how it is reached, unexpanded."""
     return json.dumps(
         [
+            server.guarded,
             server.url,
             sorted(server.headers.items()),
             server.command,
@@ -613,6 +618,24 @@ class _ServerState:
     listing: gevent.lock.Semaphore = field(default_factory=gevent.lock.Semaphore)
 
 
+class GuardedTransport(httpx2.HTTPTransport):
+    """httpx2's transport, connecting only where an address policy allows (:mod:`.addresses`).
+
+    httpx2's transport takes no network backend of its own, so its pool is made again with
+    the guarded one, and otherwise as httpx2 makes it.
+    """
+
+    def __init__(self, policy: AddressPolicy, limits: httpx2.Limits) -> None:
+        super().__init__(limits=limits, trust_env=False)
+        self._pool = httpcore2.ConnectionPool(
+            ssl_context=httpx2.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=GuardedBackend(policy),
+        )
+
+
 class McpClients:
     """This worker's sessions with MCP servers and their tool lists."""
 
@@ -621,17 +644,20 @@ class McpClients:
         self.environ = os.environ if environ is None else environ
         self._servers: dict[str, _ServerState] = {}
         self._connections: OrderedDict[tuple[str, str], Connection] = OrderedDict()
-        self._http: httpx2.Client | None = None
+        # One client for the servers of the agents file and Python, one for organisations'.
+        self._http: dict[bool, httpx2.Client] = {}
 
-    def _client(self) -> httpx2.Client:
-        if self._http is None:
+    def _client(self, guarded: bool) -> httpx2.Client:
+        client = self._http.get(guarded)
+        if client is None:
+            limits = httpx2.Limits(max_connections=None, max_keepalive_connections=256)
             with trio_hidden():
-                self._http = httpx2.Client(
-                    limits=httpx2.Limits(max_connections=None, max_keepalive_connections=256),
-                    follow_redirects=False,
-                    trust_env=False,
+                transport = GuardedTransport(self.settings.addresses, limits) if guarded else None
+                client = httpx2.Client(
+                    limits=limits, follow_redirects=False, trust_env=False, transport=transport
                 )
-        return self._http
+            self._http[guarded] = client
+        return client
 
     def connection(self, server: McpServer, headers: Mapping[str, str]) -> Connection:
         """Return the session for a server and a run's headers, opening one if needed."""
@@ -649,7 +675,7 @@ class McpClients:
 
         if server.url is not None:
             http = HttpConnection(
-                self._client(), server, headers, self.settings, changed, self.environ
+                self._client(server.guarded), server, headers, self.settings, changed, self.environ
             )
             # One session per server follows its notifications: the one without a run's own
             # headers, or else the first.
