@@ -16,6 +16,7 @@ from agent_runs.runtime.agents import McpServer
 from agent_runs.runtime.mcp import McpClients, McpError, McpSettings, McpTool, McpToolbox
 
 from .conftest import make_token
+from .fake_openai import FakeOpenAI, answer
 from .mcp_servers import McpServerProcess
 from .server import GunicornServer
 from .sse import parse_stream
@@ -627,3 +628,37 @@ def test_a_call_to_a_guarded_server_is_refused_as_it_connects():
         )
         clients.close()
         allowed.close()
+
+
+def test_a_model_server_at_a_private_address_is_refused_when_connecting(database_url):
+    """An organisation's agent's base_url is reached through the same guard: a server that
+    stops allowing private addresses never sends the model call there."""
+    with FakeOpenAI() as fake:
+        base_url = fake.url.replace("127.0.0.1", "localhost") + "/v1"
+        definition = {
+            **SUPPORT,
+            "tools": [],
+            "model": "openai:test-model",
+            "model_options": {"base_url": base_url, "api_key": "k", "max_retries": 0},
+        }
+        lenient = app_with(database_url, agent_allow_private=True)
+        with lenient.app_context():
+            headers, auth = admin_token(), make_token()
+        client = lenient.test_client()
+        assert client.post("/api/agents", headers=headers, json=definition).status_code == 201
+        fake.script(answer("Hello from the model"))
+        done = run(client, auth)
+        assert done["status"] == "COMPLETED" and done["content"] == "Hello from the model"
+        assert len(fake.requests) == 1
+        lenient.extensions["agent_runs"].executor.shutdown(timeout=5)
+
+        strict = app_with(database_url)
+        failed = strict.test_client().post(
+            "/api/agents/support/runs", headers=auth, json={"message": "hi"}
+        )
+        assert failed.json["status"] == "FAILED", failed.json
+        error = failed.json["error"]
+        assert error["type"] == "model_error"
+        assert "localhost resolves only to private, loopback or link-local" in error["message"]
+        assert len(fake.requests) == 1
+        strict.extensions["agent_runs"].executor.shutdown(timeout=5)

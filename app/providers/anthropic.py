@@ -139,8 +139,13 @@ _thinking: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
 class AnthropicProvider:
     """Streams messages from Anthropic's Messages API."""
 
-    def __init__(self, model: str, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, model: str, options: Mapping[str, Any] | None = None, network_backend: Any = None
+    ) -> None:
         options = options or {}
+        # An organisation's agent's connections to the server its options name go through
+        # the guarded backend; the operator's own (the default, ANTHROPIC_BASE_URL) do not.
+        self.network_backend = network_backend if options.get("base_url") else None
         if not model:
             raise UnknownModel(
                 "name the model after the provider, e.g. 'anthropic:claude-sonnet-4-5'"
@@ -173,7 +178,13 @@ class AnthropicProvider:
         """Call the model and yield its deltas, retrying failures that happen before output."""
         if self.missing_key:
             raise ProviderError(self.missing_key)
-        client = shared_client(anthropic.Anthropic, self.base_url, self.api_key or NO_KEY)
+        client = shared_client(
+            anthropic.Anthropic,
+            self.base_url,
+            self.api_key or NO_KEY,
+            self.network_backend,
+            anthropic.DefaultHttpxClient,
+        )
         params = self._params(request)
         schema = request.response_schema
         wrapped = None if schema is None else _wraps(schema)

@@ -116,10 +116,19 @@ PROVIDERS: dict[str, str] = {
     # An OpenAI-compatible server on localhost:11434 that needs no key.
     "ollama": "agent_runs.providers.openai:ollama",
 }
+# The back ends that connect to a server their options may name (``base_url``); their
+# factories take a ``network_backend`` (httpcore2's) for those connections.
+REMOTE_PROVIDERS = frozenset({"openai", "anthropic", "ollama"})
 
 
-def resolve_model(model: str, options: Mapping[str, Any] | None = None) -> tuple[Provider, str]:
-    """Return the provider for a ``provider:model`` string and the model name it is given."""
+def resolve_model(
+    model: str, options: Mapping[str, Any] | None = None, network_backend: Any = None
+) -> tuple[Provider, str]:
+    """Return the provider for a ``provider:model`` string and the model name it is given.
+
+    ``network_backend`` makes the connections to a server the options name (an
+    organisation's agent's ``base_url``: only where the address policy allows).
+    """
     provider_name, _, model_name = model.partition(":")
     try:
         module_name, _, factory_name = PROVIDERS[provider_name].partition(":")
@@ -129,4 +138,7 @@ def resolve_model(model: str, options: Mapping[str, Any] | None = None) -> tuple
             f"unknown model provider {provider_name!r} in {model!r} (known: {known})"
         ) from None
     factory = getattr(importlib.import_module(module_name), factory_name)
-    return factory(model_name, dict(options or {})), model_name or provider_name
+    extra = {}
+    if network_backend is not None and provider_name in REMOTE_PROVIDERS:
+        extra["network_backend"] = network_backend
+    return factory(model_name, dict(options or {}), **extra), model_name or provider_name

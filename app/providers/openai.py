@@ -97,8 +97,12 @@ class OpenAIProvider:
         *,
         default_base_url: str | None = None,
         default_api_key: str | None = None,
+        network_backend: Any = None,
     ) -> None:
         options = options or {}
+        # An organisation's agent's connections to the server its options name go through
+        # the guarded backend; the operator's own (the default, OPENAI_BASE_URL) do not.
+        self.network_backend = network_backend if options.get("base_url") else None
         if not model:
             raise UnknownModel("name the model after the provider, e.g. 'openai:gpt-4o-mini'")
         self.model = model
@@ -127,7 +131,13 @@ class OpenAIProvider:
         """Call the model and yield its deltas, retrying failures that happen before output."""
         if self.missing_key:
             raise ProviderError(self.missing_key)
-        client = shared_client(openai.OpenAI, self.base_url, self.api_key or NO_KEY)
+        client = shared_client(
+            openai.OpenAI,
+            self.base_url,
+            self.api_key or NO_KEY,
+            self.network_backend,
+            openai.DefaultHttpxClient,
+        )
         body = self._body(request)
         yield from stream_with_retries(
             # The SDK's own request path (auth, headers, errors, SSE decoding), with the chunks
@@ -198,9 +208,17 @@ class OpenAIProvider:
         )
 
 
-def ollama(model: str, options: Mapping[str, Any] | None = None) -> OpenAIProvider:
+def ollama(
+    model: str, options: Mapping[str, Any] | None = None, network_backend: Any = None
+) -> OpenAIProvider:
     """Return the OpenAI-compatible provider pointed at a local Ollama (no key needed)."""
-    return OpenAIProvider(model, options, default_base_url=OLLAMA_BASE_URL, default_api_key=NO_KEY)
+    return OpenAIProvider(
+        model,
+        options,
+        default_base_url=OLLAMA_BASE_URL,
+        default_api_key=NO_KEY,
+        network_backend=network_backend,
+    )
 
 
 def _retryable(error: Exception) -> bool:

@@ -39,6 +39,34 @@ def trio_hidden() -> Iterator[None]:
             del sys.modules["trio"]
 
 
+with trio_hidden():
+    import httpcore2
+    import httpx2
+
+
+class BackendTransport(httpx2.HTTPTransport):
+    """httpx2's transport, its connections made by an httpcore2 network backend of ours.
+
+    httpx2's transport takes no backend, so its pool is made again with one, and otherwise
+    as httpx2 makes it. (The address policy's guarded backend is what it is for.)
+    """
+
+    def __init__(
+        self,
+        network_backend: httpcore2.NetworkBackend,
+        limits: httpx2.Limits | None = None,
+    ) -> None:
+        limits = limits or httpx2.Limits(max_connections=None, max_keepalive_connections=256)
+        super().__init__(limits=limits, trust_env=False)
+        self._pool = httpcore2.ConnectionPool(
+            ssl_context=httpx2.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=network_backend,
+        )
+
+
 def display_url(url: str) -> str:
     """Return a URL fit for an error message: no credentials, no query."""
     parts = urlsplit(url)
@@ -134,18 +162,30 @@ class StreamTruncated(Exception):
     """The server ended the stream without saying the answer was finished."""
 
 
-# One client per SDK, base URL and key, shared by every run of this process.
-_clients: dict[tuple[type, str, str], Any] = {}
+# One client per SDK, base URL, key and network backend, shared by every run of this process.
+_clients: dict[tuple[type, str, str, Any], Any] = {}
 
 
-def shared_client(sdk_client: type, base_url: str, api_key: str) -> Any:
+def shared_client(
+    sdk_client: type,
+    base_url: str,
+    api_key: str,
+    network_backend: httpcore2.NetworkBackend | None = None,
+    http_client: type | None = None,
+) -> Any:
     """Return the process's client of ``sdk_client`` for this server and key; the SDK's own
-    retries are off (stream_with_retries retries, and only before output)."""
-    key = (sdk_client, base_url, api_key)
+    retries are off (stream_with_retries retries, and only before output). With a
+    ``network_backend``, its connections are made by it, through the SDK's own
+    ``http_client`` class (its DefaultHttpxClient)."""
+    key = (sdk_client, base_url, api_key, network_backend)
     client = _clients.get(key)
     if client is None:
+        settings: dict[str, Any] = {}
         with trio_hidden():
-            client = sdk_client(base_url=base_url, api_key=api_key, max_retries=0)
+            if network_backend is not None:
+                assert http_client is not None
+                settings["http_client"] = http_client(transport=BackendTransport(network_backend))
+            client = sdk_client(base_url=base_url, api_key=api_key, max_retries=0, **settings)
         client = _clients.setdefault(key, client)
     return client
 

@@ -230,6 +230,9 @@ class Agent:
     # The version of an organisation's own agent (stored through the API); None for the
     # agents file's and Python's, which have none.
     version: int | None = None
+    # An organisation's agent (stored through the API): its model server is reached only
+    # where the address policy allows, as its MCP servers are (McpServer.guarded).
+    guarded: bool = False
 
     def __post_init__(self) -> None:
         if not AGENT_ID_PATTERN.match(self.id):
@@ -528,6 +531,7 @@ def build_agent(
                 _mcp_server(server, guarded=not imports) for server in data.get("mcp_servers") or ()
             ),
             response_format=data.get("response_format"),
+            guarded=not imports,
         )
     except AgentDefinitionError as error:  # what only the whole agent shows: names that clash
         raise _definition_error({"tools": [str(error)]}, where) from None

@@ -30,6 +30,7 @@ from ..db import DATABASE_DOWN, WalCheckpointer, database, refresh_statistics, s
 from ..models import RunStatus, utcnow
 from ..providers.base import Provider, ProviderError
 from . import store
+from .addresses import GuardedBackend
 from .agents import Agent
 from .events import PING_FRAME, Event, EventLog, EventType, RunChannel, json_data
 from .idempotency import prune_keys
@@ -174,6 +175,9 @@ class Executor:
         self._checkpointer: WalCheckpointer | None = None
         self._stopping = False
         self.mcp = McpClients(settings.mcp)
+        # The connections of organisations' agents to their model servers: only where the
+        # address policy allows (their MCP servers' go by McpClients, by the same policy).
+        self.guarded_backend = GuardedBackend(settings.mcp.addresses)
 
     # Starting runs ----------------------------------------------------------------------
 

@@ -38,13 +38,12 @@ import gevent.lock
 import gevent.subprocess
 
 from ..providers.base import ToolSpec
-from ..providers.sdk import display_url, trio_hidden
+from ..providers.sdk import BackendTransport, display_url, trio_hidden
 from ..schemas import ENV_REFERENCE
 from .addresses import AddressPolicy, GuardedBackend
 from .agents import McpServer
 
 with trio_hidden():
-    import httpcore2
     import httpx2
 
 logger = logging.getLogger(__name__)
@@ -618,24 +617,6 @@ class _ServerState:
     listing: gevent.lock.Semaphore = field(default_factory=gevent.lock.Semaphore)
 
 
-class GuardedTransport(httpx2.HTTPTransport):
-    """httpx2's transport, connecting only where an address policy allows (:mod:`.addresses`).
-
-    httpx2's transport takes no network backend of its own, so its pool is made again with
-    the guarded one, and otherwise as httpx2 makes it.
-    """
-
-    def __init__(self, policy: AddressPolicy, limits: httpx2.Limits) -> None:
-        super().__init__(limits=limits, trust_env=False)
-        self._pool = httpcore2.ConnectionPool(
-            ssl_context=httpx2.create_ssl_context(trust_env=False),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=GuardedBackend(policy),
-        )
-
-
 class McpClients:
     """This worker's sessions with MCP servers and their tool lists."""
 
@@ -652,7 +633,11 @@ class McpClients:
         if client is None:
             limits = httpx2.Limits(max_connections=None, max_keepalive_connections=256)
             with trio_hidden():
-                transport = GuardedTransport(self.settings.addresses, limits) if guarded else None
+                transport = (
+                    BackendTransport(GuardedBackend(self.settings.addresses), limits)
+                    if guarded
+                    else None
+                )
                 client = httpx2.Client(
                     limits=limits, follow_redirects=False, trust_env=False, transport=transport
                 )

@@ -233,15 +233,19 @@ def _claim_session(
     raise SessionBusy("sessionId", "This session already has a run in progress.")
 
 
-def _provider_for(agent: Agent, requested: str | None, default_model: str):
-    """Return (model string, provider, provider's model name) for a run of ``agent``."""
+def _provider_for(agent: Agent, requested: str | None, default_model: str, executor: Executor):
+    """Return (model string, provider, provider's model name) for a run of ``agent``.
+
+    An organisation's agent reaches the model server its options name only where the
+    address policy allows (the executor's guarded backend)."""
     model = agent.model_for(requested, default_model)
     if model is None:
         raise RunRequestRejected(
             "options.model", f"Agent {agent.id!r} does not allow model {requested!r}."
         )
     try:
-        provider, model_name = resolve_model(model, agent.model_options)
+        backend = executor.guarded_backend if agent.guarded else None
+        provider, model_name = resolve_model(model, agent.model_options, backend)
     except ValueError as error:  # UnknownModel, or options the back end refuses
         raise RunRequestRejected("options.model", f"Model {model!r}: {error}") from None
     return model, provider, model_name
@@ -298,7 +302,9 @@ def start_run(
     """
     user_id = _acting_user(principal, body)
     options = body.get("options") or {}
-    model, provider, model_name = _provider_for(agent, options.get("model"), default_model)
+    model, provider, model_name = _provider_for(
+        agent, options.get("model"), default_model, executor
+    )
     mcp_headers = _mcp_headers(agent, options)
     if body.get("media") and not getattr(provider, "accepts_images", False):
         raise RunRequestRejected(
@@ -408,7 +414,9 @@ def continue_run(
     agent = get_agent(agents, principal.org_id, agent_id, run.agent_version)
     headers = _mcp_headers(agent, {"mcp_headers": mcp_headers})
     options = (run.request or {}).get("options") or {}
-    model, provider, model_name = _provider_for(agent, options.get("model"), default_model)
+    model, provider, model_name = _provider_for(
+        agent, options.get("model"), default_model, executor
+    )
     with database.atomic():
         resumed = (
             Run.update(
