@@ -15,7 +15,10 @@ servers, with the run's own headers, if it brought any.
 
 Secrets stay out of definitions: ``${NAME}`` in a server's url, headers, args or env is
 expanded from the server's environment only when a request is made, and error messages name
-the unexpanded URL.
+the unexpanded URL. An organisation's server (``McpServer.guarded``: its agent was stored
+through the API) names only the variables the operator allows, checked when its agent is built
+(``runtime.agents.StoredAgentPolicy``), and is connected to only at addresses the policy
+allows, checked at each connection (``runtime.addresses``).
 """
 
 from __future__ import annotations
