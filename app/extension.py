@@ -182,7 +182,9 @@ class AgentRuns:
         app.extensions["agent_runs"] = AgentRunsState(
             config=settings,
             registry=registry,
-            agents=AgentCatalog(registry, stored_agent_policy),
+            agents=AgentCatalog(
+                registry, stored_agent_policy, default_model=settings["AGENT_RUNS_DEFAULT_MODEL"]
+            ),
             executor=executor,
             rate_limiter=RateLimiter(settings["AGENT_RUNS_RATE_LIMIT"]),
             webhook_policy=webhook_policy,

@@ -662,3 +662,119 @@ def test_a_model_server_at_a_private_address_is_refused_when_connecting(database
         assert "localhost resolves only to private, loopback or link-local" in error["message"]
         assert len(fake.requests) == 1
         strict.extensions["agent_runs"].executor.shutdown(timeout=5)
+
+
+# What an organisation's agents, and runs, may have the model host open -------------------
+
+
+def operators_server(database_url, tmp_path, **settings):
+    """An application whose agents file names two embedded models by path (neither file
+    need exist: they are compared, never opened, when an organisation names them), one of
+    them in an agent that allows any model."""
+    agents_file = tmp_path / "agents.yaml"
+    agents_file.write_text(
+        "agents:\n"
+        "  - id: team\n"
+        f"    model: 'local:{tmp_path}/team.gguf'\n"
+        "    tools: [agent_runs.runtime.demo_tools:get_current_time]\n"
+        "  - id: open\n"
+        "    model: scripted\n"
+        f"    allowed_models: ['*', 'local:{tmp_path}/listed.gguf']\n"
+    )
+    return app_with(
+        database_url, agents_file=str(agents_file), load_models_on_start=False, **settings
+    )
+
+
+def refused_files(folder):
+    """Files an organisation's admin might name: one that exists but is no model, one that
+    is missing, and a GGUF the server can read under a name of the admin's (a link to the
+    bundled model, which would load)."""
+    from agent_runs.providers.local import bundled_model_path
+
+    folder.mkdir(exist_ok=True)
+    link = folder / "elsewhere.gguf"
+    if not link.is_symlink():
+        link.symlink_to(bundled_model_path())
+    return ["/etc/hostname", str(folder / "missing.gguf"), str(link)]
+
+
+def test_an_api_agent_names_no_model_file_of_its_own(client, admin, tmp_path):
+    """The model host would open the file an admin named: its error would tell whether the
+    file exists, and any GGUF the server's user can read would be loaded."""
+    details = set()
+    for path in refused_files(tmp_path):
+        for changes, field in (
+            ({"model": f"local:{path}"}, ["model"]),
+            ({"allowed_models": ["scripted", f"local:{path}"]}, ["allowed_models", "1"]),
+        ):
+            response = client.post("/api/agents", headers=admin, json={**SUPPORT, **changes})
+            assert response.status_code == 422, (path, response.get_data(as_text=True))
+            assert response.mimetype == "application/problem+json"
+            errors = response.json["errors"]
+            assert list(errors) == [field[0]]
+            if len(field) > 1:
+                assert list(errors[field[0]]) == [field[1]]
+            assert path not in response.get_data(as_text=True)
+            details.add(response.json["detail"])
+    # The same words whether the file exists, is no model, or is one.
+    assert len(details) == 2, details
+    create(client, admin)
+    for changes in ({"model": "local:/etc/hostname"}, {"allowed_models": ["local:/etc/x"]}):
+        patched = client.patch("/api/agents/support", headers=admin, json=changes)
+        assert patched.status_code == 422, patched.json
+        put = client.put("/api/agents/support", headers=admin, json={**SUPPORT, **changes})
+        assert put.status_code == 422, put.json
+    assert client.get("/api/agents/support", headers=admin).json["version"] == 1
+
+
+def test_an_api_agent_may_name_the_embedded_models_the_server_offers(
+    database_url, tmp_path, monkeypatch, agents
+):
+    """Its default (plain local, the file AGENT_RUNS_LOCAL_MODEL names) and those the
+    operator's settings and agents name, as the agents file or Python writes them or
+    normalised."""
+    monkeypatch.setenv("AGENT_RUNS_LOCAL_MODEL", str(tmp_path / "env.gguf"))
+    agents("from_python", model=f"local:{tmp_path}/python.gguf")
+    app = operators_server(database_url, tmp_path, default_model=f"local:{tmp_path}/default.gguf")
+    client = app.test_client()
+    with app.app_context():
+        headers = admin_token()
+    for number, changes in enumerate(
+        (
+            {"model": "local"},
+            {"model": f"local:{tmp_path}/env.gguf"},
+            {"model": f"local:{tmp_path}/default.gguf"},
+            {"model": f"local:{tmp_path}/team.gguf"},
+            {"model": f"local:{tmp_path}/sub/../team.gguf"},
+            {"model": f"local:{tmp_path}/python.gguf"},
+            {"allowed_models": ["*", f"local:{tmp_path}/listed.gguf", "local"]},
+        )
+    ):
+        definition = {**SUPPORT, "id": f"org_agent_{number}", **changes}
+        response = client.post("/api/agents", headers=headers, json=definition)
+        assert response.status_code == 201, (changes, response.json)
+    refused = client.post(
+        "/api/agents", headers=headers, json={**SUPPORT, "model": f"local:{tmp_path}/other.gguf"}
+    )
+    assert refused.status_code == 422 and list(refused.json["errors"]) == ["model"]
+    app.extensions["agent_runs"].executor.shutdown(timeout=5)
+
+
+def test_a_version_naming_a_model_no_longer_offered_is_refused_when_it_runs(database_url, tmp_path):
+    lenient = operators_server(database_url, tmp_path)
+    with lenient.app_context():
+        headers = admin_token()
+        auth = make_token()
+    team = {**SUPPORT, "model": f"local:{tmp_path}/team.gguf"}
+    stored = lenient.test_client().post("/api/agents", headers=headers, json=team)
+    assert stored.status_code == 201, stored.json
+    lenient.extensions["agent_runs"].executor.shutdown(timeout=5)
+    # The operator's agents file no longer names the model.
+    strict = app_with(database_url, load_models_on_start=False)
+    response = strict.test_client().post(
+        "/api/agents/support/runs", headers=auth, json={"message": "hi"}
+    )
+    assert response.status_code == 409, response.json
+    assert "no longer fits" in response.json["detail"] and "model:" in response.json["detail"]
+    strict.extensions["agent_runs"].executor.shutdown(timeout=5)

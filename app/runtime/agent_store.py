@@ -74,9 +74,12 @@ class AgentCatalog:
         registry: AgentRegistry,
         policy: StoredAgentPolicy | None = None,
         cache_size: int = CACHE_SIZE,
+        default_model: str = "scripted",
     ) -> None:
         self.registry = registry
         self.policy = policy or StoredAgentPolicy()
+        # The model of agents that name none (AGENT_RUNS_DEFAULT_MODEL).
+        self.default_model = default_model
         self._built: OrderedDict[tuple[str, str, int], Agent] = OrderedDict()
         self._cache_size = cache_size
 
@@ -86,6 +89,12 @@ class AgentCatalog:
         """The tools an organisation's agents may name: those the server's agents use, and
         those registered from Python."""
         return self.registry.tools()
+
+    def embedded_models(self) -> frozenset[str]:
+        """The embedded models an organisation's agents may name, and a run may choose when
+        its agent allows any model: ``local`` and those the server's settings and agents name
+        (:meth:`AgentRegistry.embedded_models`)."""
+        return self.registry.embedded_models(self.default_model)
 
     def get(self, org_id: str, agent_id: str, version: int | None = None) -> Agent | None:
         """Return the agent a run of ``agent_id`` would run now (or as of ``version``)."""
@@ -178,10 +187,15 @@ class AgentCatalog:
             self._built.move_to_end(key)
             return agent
         try:
-            agent = build_agent(row.definition, self.tools(), policy=self.policy)
+            agent = build_agent(
+                row.definition,
+                self.tools(),
+                policy=self.policy,
+                embedded_models=self.embedded_models(),
+            )
         except AgentDefinitionError as error:
             # Stored when it was valid; the server changed since (a tool no longer
-            # registered, a variable no longer allowed, say).
+            # registered, a variable no longer allowed, a local model no longer offered).
             raise AgentConflict(
                 f"Agent {row.agent_id!r} version {row.version} no longer fits this server: "
                 f"{error}. Store a new version."
@@ -255,7 +269,9 @@ class AgentCatalog:
                 f"An agent definition may be at most {MAX_DEFINITION_BYTES} bytes as JSON.",
                 {"_schema": [f"At most {MAX_DEFINITION_BYTES} bytes as JSON (got {size})."]},
             )
-        agent = build_agent(definition, self.tools(), policy=self.policy)
+        agent = build_agent(
+            definition, self.tools(), policy=self.policy, embedded_models=self.embedded_models()
+        )
         errors = _address_errors(agent, self.policy.addresses)
         if errors:
             reasons = "; ".join(f"{path}: {text}" for path, text in field_messages(errors))

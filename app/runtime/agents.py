@@ -23,7 +23,7 @@ import inspect
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ import yaml
 from marshmallow import ValidationError
 
 from ..providers.base import PROVIDERS, ToolSpec
+from ..providers.local import model_path
 from ..schemas import AGENT_ID_PATTERN as _AGENT_ID
 from ..schemas import (
     ENV_REFERENCE,
@@ -368,6 +369,33 @@ def _resolve_tool(entry: str | dict[str, Any], known: Mapping[str, Tool], import
     return dataclasses.replace(resolved, **settings) if settings else resolved
 
 
+def embedded_model(model: str) -> str | None:
+    """Return the file a ``local[:path]`` model string runs, as compared with those the
+    server offers: its absolute path, normalised as text and never looked up (a path an
+    organisation wrote is compared, not opened); None for a model of another provider, ""
+    when ``local`` has no file here."""
+    provider, _, name = model.partition(":")
+    if provider != "local":
+        return None
+    path = model_path(name)
+    return os.path.abspath(path) if path else ""
+
+
+def offered_embedded_models(
+    embedded_models: Callable[[], Collection[str]] | None,
+) -> Collection[str]:
+    """The embedded models a server offers, or, not knowing them, its default alone."""
+    if embedded_models is not None:
+        return embedded_models()
+    return {embedded_model("local") or ""}
+
+
+EMBEDDED_MODEL_RULE = (
+    "Of the embedded models, only those this server offers: 'local' (its default) or a "
+    "'local:' model its own agents name, never another file."
+)
+
+
 def _model_problem(model: str) -> str | None:
     """Say what is wrong with a model string whose provider this server lacks, else None."""
     provider = model.partition(":")[0]
@@ -467,6 +495,7 @@ def build_agent(
     imports: bool = False,
     where: str = "",
     policy: StoredAgentPolicy | None = None,
+    embedded_models: Collection[str] | None = None,
 ) -> Agent:
     """Validate an agent definition (:class:`AgentDefinitionSchema`) and build its agent.
 
@@ -479,8 +508,11 @@ def build_agent(
     strictest): its ``${NAME}`` references and ``api_key_env`` must name variables the
     policy allows, and its MCP servers are guarded: connections to them go only where
     ``policy.addresses`` allows, checked as each is made (and when the definition is stored,
-    by :mod:`.agent_store`). Raises :class:`AgentDefinitionError`,
-    whose ``errors`` name each field that is wrong (and whose message starts with ``where``).
+    by :mod:`.agent_store`); and its ``local`` models (``model``, ``allowed_models``) must be
+    among ``embedded_models`` (the server's, :meth:`AgentRegistry.embedded_models`; by
+    default only ``local``), lest it have the model host open a file its caller chose.
+    Raises :class:`AgentDefinitionError`, whose ``errors`` name each field that is wrong
+    (and whose message starts with ``where``).
     """
     if not isinstance(definition, dict):
         raise _definition_error({"_schema": ["An agent definition is a mapping."]}, where)
@@ -506,6 +538,12 @@ def build_agent(
             errors.setdefault("allowed_models", {})[index] = [problem]
     if not imports:
         errors.update(_variable_errors(data, policy or StoredAgentPolicy()))
+        offered = offered_embedded_models(None) if embedded_models is None else embedded_models
+        if model is not None and not _offered(model, offered):
+            errors["model"] = [EMBEDDED_MODEL_RULE]
+        for index, allowed in enumerate(data.get("allowed_models") or ()):
+            if not _offered(allowed, offered):
+                errors.setdefault("allowed_models", {})[index] = [EMBEDDED_MODEL_RULE]
         for index, server in enumerate(data.get("mcp_servers") or ()):
             if server.get("command") is not None:
                 errors.setdefault("mcp_servers", {}).setdefault(index, {})["command"] = [
@@ -535,6 +573,12 @@ def build_agent(
         )
     except AgentDefinitionError as error:  # what only the whole agent shows: names that clash
         raise _definition_error({"tools": [str(error)]}, where) from None
+
+
+def _offered(model: str, embedded_models: Collection[str]) -> bool:
+    """Whether ``model`` is no embedded model, or one of ``embedded_models``."""
+    wanted = embedded_model(model)
+    return wanted is None or wanted in embedded_models
 
 
 def load_agents_file(path: str) -> dict[str, Agent]:
@@ -588,6 +632,16 @@ class AgentRegistry:
             if provider == "local":
                 models.append((name, dict(agent.model_options)))
         return models
+
+    def embedded_models(self, default_model: str) -> frozenset[str]:
+        """The embedded models this server offers, as :func:`embedded_model` gives them:
+        ``local`` (its default), the default model, and each ``local`` model its agents name
+        (their model, or one they list in ``allowed_models``)."""
+        named = ["local", default_model]
+        for agent in self.all():
+            named.append(agent.model or default_model)
+            named.extend(agent.allowed_models)
+        return frozenset(path for model in named if (path := embedded_model(model)) is not None)
 
     def tools(self) -> dict[str, Tool]:
         """The tools agents stored through the API may name: the file's agents' tools and
