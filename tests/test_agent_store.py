@@ -761,6 +761,48 @@ def test_an_api_agent_may_name_the_embedded_models_the_server_offers(
     app.extensions["agent_runs"].executor.shutdown(timeout=5)
 
 
+def run_choosing(client, headers, agent, model):
+    return client.post(
+        f"/api/agents/{agent}/runs",
+        headers=headers,
+        json={"message": "hi", "options": {"model": model}},
+    )
+
+
+def test_a_run_chooses_no_model_file_of_its_own(database_url, tmp_path):
+    """Any token of the organisation starts runs: an agent's allowed_models "*" (the
+    operator's or an organisation's) lets it choose any model but an embedded one the
+    server does not offer; the operator's agent still runs a path it lists."""
+    app = operators_server(database_url, tmp_path)
+    client = app.test_client()
+    with app.app_context():
+        admin = admin_token()
+        auth = make_token()
+    open_agent = {**SUPPORT, "allowed_models": ["*"]}
+    assert client.post("/api/agents", headers=admin, json=open_agent).status_code == 201
+    for agent in ("open", "support"):
+        details = set()
+        for path in refused_files(tmp_path):
+            response = run_choosing(client, auth, agent, f"local:{path}")
+            assert response.status_code == 422, (agent, path, response.json)
+            assert response.mimetype == "application/problem+json"
+            assert list(response.json["errors"]) == ["options.model"]
+            assert "only those this server offers" in response.json["detail"]
+            details.add(response.json["detail"].replace(path, "PATH"))
+        assert len(details) == 1, details
+        # Any other model, and the embedded models the server offers, stay the run's to pick.
+        assert run_choosing(client, auth, agent, "scripted").json["status"] == "COMPLETED"
+        offered = run_choosing(client, auth, agent, f"local:{tmp_path}/team.gguf")
+        assert offered.status_code == 200, offered.json
+        assert offered.json["status"] == "FAILED"  # it is offered, but there is no such file
+    # The operator's agent runs the path it lists, as before.
+    listed = run_choosing(client, auth, "open", f"local:{tmp_path}/listed.gguf")
+    assert listed.status_code == 200 and listed.json["status"] == "FAILED", listed.json
+    status = client.get(f"/api/agents/open/runs/{listed.json['runId']}/status", headers=auth)
+    assert status.json["error"]["type"] == "model_unavailable"
+    app.extensions["agent_runs"].executor.shutdown(timeout=5)
+
+
 def test_a_version_naming_a_model_no_longer_offered_is_refused_when_it_runs(database_url, tmp_path):
     lenient = operators_server(database_url, tmp_path)
     with lenient.app_context():

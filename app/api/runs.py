@@ -94,6 +94,7 @@ def _start(agent_id: str, *, background: bool = False) -> tuple[StartedRun, dict
         g.principal,
         body,
         default_model=state.default_model,
+        embedded_models=state.agents.embedded_models,
         background=background,
         max_active_runs=state.config["AGENT_RUNS_MAX_ACTIVE_RUNS_PER_ORG"],
         idempotency=_idempotency(body),

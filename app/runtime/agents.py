@@ -261,14 +261,30 @@ class Agent:
     def tool(self, name: str) -> Tool | None:
         return next((t for t in self.tools if t.name == name), None)
 
-    def model_for(self, requested: str | None, default_model: str) -> str | None:
-        """Return the model a run uses, or None if the agent does not allow ``requested``."""
+    def model_for(
+        self,
+        requested: str | None,
+        default_model: str,
+        embedded_models: Callable[[], Collection[str]] | None = None,
+    ) -> str | None:
+        """Return the model a run uses, or None if the agent does not allow ``requested``.
+
+        ``"*"`` allows any model but an embedded one the server does not offer
+        (``embedded_models``: :func:`embedded_model` of each; by default only ``local``):
+        whoever may start a run would otherwise have the model host open a file of their
+        choosing. One the agent lists by name it may run.
+        """
         own = self.model or default_model
         if requested is None or requested == own:
             return own
-        if "*" in self.allowed_models or requested in self.allowed_models:
+        if requested in self.allowed_models:
             return requested
-        return None
+        if "*" not in self.allowed_models:
+            return None
+        wanted = embedded_model(requested)
+        if wanted is not None and wanted not in offered_embedded_models(embedded_models):
+            return None
+        return requested
 
 
 # Agents and tools registered from Python, shared by every application in the process.

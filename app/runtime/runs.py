@@ -11,7 +11,7 @@ import functools
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,7 @@ from peewee import fn
 from ..db import Statement, database, insert_statement
 from ..models import Run, RunEvent, RunStatus, Session, utcnow
 from ..providers.base import resolve_model
-from .agents import Agent
+from .agents import EMBEDDED_MODEL_RULE, Agent
 from .events import Event, EventType, json_data, now_ms, write_event
 from .executor import ActiveRun, Executor, RunJob
 from .idempotency import IdempotentRequest, bind_key, claim_key
@@ -233,15 +233,25 @@ def _claim_session(
     raise SessionBusy("sessionId", "This session already has a run in progress.")
 
 
-def _provider_for(agent: Agent, requested: str | None, default_model: str, executor: Executor):
+def _provider_for(
+    agent: Agent,
+    requested: str | None,
+    default_model: str,
+    executor: Executor,
+    embedded_models: Callable[[], Collection[str]] | None = None,
+):
     """Return (model string, provider, provider's model name) for a run of ``agent``.
 
-    An organisation's agent reaches the model server its options name only where the
-    address policy allows (the executor's guarded backend)."""
-    model = agent.model_for(requested, default_model)
+    A run of an agent that allows any model may choose only the embedded models the server
+    offers (``embedded_models``), whoever wrote the agent. An organisation's agent reaches
+    the model server its options name only where the address policy allows (the executor's
+    guarded backend)."""
+    model = agent.model_for(requested, default_model, embedded_models)
     if model is None:
+        reason = EMBEDDED_MODEL_RULE if "*" in agent.allowed_models else ""
         raise RunRequestRejected(
-            "options.model", f"Agent {agent.id!r} does not allow model {requested!r}."
+            "options.model",
+            f"Agent {agent.id!r} does not allow model {requested!r}. {reason}".strip(),
         )
     try:
         backend = executor.guarded_backend if agent.guarded else None
@@ -281,6 +291,7 @@ def start_run(
     body: dict[str, Any],
     *,
     default_model: str,
+    embedded_models: Callable[[], Collection[str]] | None = None,
     background: bool = False,
     max_active_runs: int = 0,
     trace_context: dict[str, str] | None = None,
@@ -298,12 +309,13 @@ def start_run(
     names a run of the same request returns that run, started by nobody again (see
     :mod:`.idempotency`).
     ``trace_context`` is the W3C trace context (traceparent, tracestate) of the request, for
-    the run's trace.
+    the run's trace. ``embedded_models`` gives the embedded models the server offers
+    (:meth:`AgentCatalog.embedded_models`), which bound what ``options.model`` may choose.
     """
     user_id = _acting_user(principal, body)
     options = body.get("options") or {}
     model, provider, model_name = _provider_for(
-        agent, options.get("model"), default_model, executor
+        agent, options.get("model"), default_model, executor, embedded_models
     )
     mcp_headers = _mcp_headers(agent, options)
     if body.get("media") and not getattr(provider, "accepts_images", False):
@@ -415,7 +427,7 @@ def continue_run(
     headers = _mcp_headers(agent, {"mcp_headers": mcp_headers})
     options = (run.request or {}).get("options") or {}
     model, provider, model_name = _provider_for(
-        agent, options.get("model"), default_model, executor
+        agent, options.get("model"), default_model, executor, agents.embedded_models
     )
     with database.atomic():
         resumed = (
