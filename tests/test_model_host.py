@@ -180,6 +180,7 @@ def test_a_model_process_killed_mid_run_fails_that_run_and_nothing_else(model_se
     events = parse_stream(text)
     assert events[-1]["event"] == "ERROR", events[-1]
     assert "exited during the run" in events[-1]["data"]
+    assert f"(pid {host_pid})" in events[-1]["data"]
     # Within a second, where a quiet machine takes milliseconds; generous for a busy CI one.
     assert ended - killed < 10
     run_id = json.loads(events[0]["data"])["runId"]

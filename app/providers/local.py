@@ -241,7 +241,9 @@ class ModelHost:
         try:
             connection.settimeout(timeout)
             connection.connect(self.path)
-            pid, uid, _ = struct.unpack(
+            # The credentials of the listening socket's owner when it listened: the host
+            # listens before it detaches, so the pid is not the host's (its hello says it).
+            _, uid, _ = struct.unpack(
                 "3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             )
         except OSError:
@@ -250,7 +252,6 @@ class ModelHost:
         if uid != os.getuid():
             connection.close()
             raise ModelHostError(f"{self.path} is served by another user (uid {uid}).")
-        self.pid = pid
         return connection
 
     def _hello(self) -> dict[str, Any] | None:
@@ -260,9 +261,11 @@ class ModelHost:
                 connection.sendall(b'{"op":"hello"}\n')
                 with connection.makefile("rb") as reader:
                     line = reader.readline()
-            return dict(json.loads(line))
+            hello = dict(json.loads(line))
         except (OSError, ValueError):
             return None
+        self.pid = hello.get("pid")
+        return hello
 
     def _spawn(self) -> dict[str, Any]:
         """Start the host, unless another process has just done so; return its hello."""
