@@ -820,3 +820,14 @@ def test_a_version_naming_a_model_no_longer_offered_is_refused_when_it_runs(data
     assert response.status_code == 409, response.json
     assert "no longer fits" in response.json["detail"] and "model:" in response.json["detail"]
     strict.extensions["agent_runs"].executor.shutdown(timeout=5)
+
+
+@pytest.mark.parametrize("option", ["n_ctx", "n_threads"])
+def test_an_api_agent_chooses_not_how_the_embedded_model_loads(client, admin, option):
+    """Each n_ctx or n_threads is one more copy of the weights the model host keeps."""
+    definition = {**SUPPORT, "model": "local", "model_options": {option: 2048, "seed": 7}}
+    response = client.post("/api/agents", headers=admin, json=definition)
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert list(response.json["errors"]["model_options"]) == [option]
+    # Generation options stay the agent's own.
+    create(client, admin, {**SUPPORT, "model": "local", "model_options": {"seed": 7}})

@@ -412,6 +412,15 @@ EMBEDDED_MODEL_RULE = (
 )
 
 
+# The embedded model's options that choose how the model host loads it: each value is one
+# more copy of the weights in the host's memory, which it keeps for its life.
+EMBEDDED_LOAD_OPTIONS = frozenset({"n_ctx", "n_threads"})
+
+EMBEDDED_LOAD_RULE = (
+    "Chooses how the server loads its embedded model, which only its own agents may do."
+)
+
+
 def _model_problem(model: str) -> str | None:
     """Say what is wrong with a model string whose provider this server lacks, else None."""
     provider = model.partition(":")[0]
@@ -560,6 +569,8 @@ def build_agent(
         for index, allowed in enumerate(data.get("allowed_models") or ()):
             if not _offered(allowed, offered):
                 errors.setdefault("allowed_models", {})[index] = [EMBEDDED_MODEL_RULE]
+        for name in EMBEDDED_LOAD_OPTIONS.intersection(data.get("model_options") or {}):
+            errors.setdefault("model_options", {})[name] = [EMBEDDED_LOAD_RULE]
         for index, server in enumerate(data.get("mcp_servers") or ()):
             if server.get("command") is not None:
                 errors.setdefault("mcp_servers", {}).setdefault(index, {})["command"] = [
