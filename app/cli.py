@@ -210,6 +210,12 @@ def _announce_first_token(bind: str) -> None:
     prefix = current_app.extensions["agent_runs"].config["AGENT_RUNS_URL_PREFIX"].rstrip("/")
     curl, origin, note = _curl_target(bind)
     url = f"{origin}{prefix}/agents/finance_agent/runs/stream"
+    playground = ""
+    # A browser reaches no Unix socket.
+    if current_app.extensions["agent_runs"].config["AGENT_RUNS_PLAYGROUND"] and origin != (
+        "http://localhost"
+    ):
+        playground = f"\nOr chat in a browser, with the same token: {origin}{prefix}/playground\n"
     click.echo(
         "\nNo API token existed, so one was created for organisation 'default'.\n"
         "It is shown only this once:\n\n"
@@ -219,6 +225,7 @@ def _announce_first_token(bind: str) -> None:
         f'      -H "Authorization: Bearer {secret}" \\\n'
         '      -H "Content-Type: application/json" \\\n'
         f"      -d {shlex.quote(EXAMPLE_MESSAGE)}\n"
+        f"{playground}"
     )
 
 

@@ -51,6 +51,7 @@ def test_serve_announces_a_first_token_once_and_serves_with_it(tmp_path):
         # Port 0 is only known once gunicorn has bound it: the hint says where to read it.
         assert "curl -N http://127.0.0.1:PORT/api/agents/finance_agent/runs/stream" in output
         assert f'-H "Authorization: Bearer {token}"' in output
+        assert "with the same token: http://127.0.0.1:PORT/api/playground" in output
         assert "Using worker: gevent" in output
         with requests.post(
             f"{url}/api/agents/assistant/runs",
