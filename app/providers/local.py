@@ -21,7 +21,8 @@ Schema) and that answer streams token by token. A model this small calls
 at most one round of tools per user message.
 
 Options (the agent's ``model_options``): ``n_ctx`` (context window, default 4096),
-``n_threads`` (default: the CPU count), ``seed``, ``default_max_tokens`` (default 512),
+``n_threads`` (default: half the CPUs, see :func:`default_threads`), ``seed``,
+``default_max_tokens`` (default 512),
 ``tool_choice``: ``auto`` (default: the model may answer without a tool) or ``required``
 (its first step must call one of the tools; small models rarely choose one unprompted).
 """
@@ -431,8 +432,19 @@ def model_spec(model: str = "", options: Mapping[str, Any] | None = None) -> dic
     return {
         "path": os.path.abspath(path),
         "n_ctx": int(options.get("n_ctx", 4096)),
-        "n_threads": int(options.get("n_threads", os.cpu_count() or 1)),
+        "n_threads": int(options.get("n_threads", default_threads())),
     }
+
+
+def default_threads() -> int:
+    """The threads a generation runs on unless an agent says: half the CPUs, as
+    llama-cpp-python chooses, leaving the rest to the workers that stream beside it.
+
+    ggml's threads meet at a barrier after every step of the graph, so one the workers
+    preempt holds up the others: with a thread on every core, generation slowed to a
+    fraction whenever the workers were busy (bench/README.md, *The embedded model*).
+    """
+    return max(1, (os.cpu_count() or 1) // 2)
 
 
 class ModelUnavailable(ProviderError):

@@ -221,7 +221,7 @@ class Models:
                 model = Llama(
                     model_path=path,
                     n_ctx=int(spec.get("n_ctx", 4096)),
-                    n_threads=int(spec.get("n_threads") or os.cpu_count() or 1),
+                    n_threads=int(spec["n_threads"]) if spec.get("n_threads") else None,
                     verbose=False,
                 )
         except Exception as error:
