@@ -143,9 +143,8 @@ class AnthropicProvider:
         self, model: str, options: Mapping[str, Any] | None = None, network_backend: Any = None
     ) -> None:
         options = options or {}
-        # An organisation's agent's connections to the server its options name go through
-        # the guarded backend; the operator's own (the default, ANTHROPIC_BASE_URL) do not.
-        self.network_backend = network_backend if options.get("base_url") else None
+        # The guarded backend, for an organisation's agent's own base_url (resolve_model).
+        self.network_backend = network_backend
         if not model:
             raise UnknownModel(
                 "name the model after the provider, e.g. 'anthropic:claude-sonnet-4-5'"

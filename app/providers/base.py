@@ -139,6 +139,12 @@ def resolve_model(
         ) from None
     factory = getattr(importlib.import_module(module_name), factory_name)
     extra = {}
-    if network_backend is not None and provider_name in REMOTE_PROVIDERS:
+    # Only for a server the options name: the operator's own (OPENAI_BASE_URL, Ollama on
+    # localhost, the SDKs' defaults) are reached as they are.
+    if (
+        network_backend is not None
+        and provider_name in REMOTE_PROVIDERS
+        and (options or {}).get("base_url")
+    ):
         extra["network_backend"] = network_backend
     return factory(model_name, dict(options or {}), **extra), model_name or provider_name

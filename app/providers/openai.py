@@ -100,9 +100,8 @@ class OpenAIProvider:
         network_backend: Any = None,
     ) -> None:
         options = options or {}
-        # An organisation's agent's connections to the server its options name go through
-        # the guarded backend; the operator's own (the default, OPENAI_BASE_URL) do not.
-        self.network_backend = network_backend if options.get("base_url") else None
+        # The guarded backend, for an organisation's agent's own base_url (resolve_model).
+        self.network_backend = network_backend
         if not model:
             raise UnknownModel("name the model after the provider, e.g. 'openai:gpt-4o-mini'")
         self.model = model

@@ -8,10 +8,10 @@ metadata service at 169.254.169.254).
 
 A URL is checked when it is registered, and its host's addresses again at every connection,
 after resolving it: a name that resolved to a public address yesterday may resolve to the
-metadata service today. :class:`GuardedBackend` (for an httpcore2 pool) and
-:class:`GuardedTransport` (for an httpx2 client) resolve once and connect only to the
-addresses they checked, so a name cannot pass the check with one address and then connect to
-another.
+metadata service today. :class:`GuardedBackend`, the network backend of an httpcore2 pool (or
+of an httpx2 client, through ``providers.sdk.BackendTransport``), resolves once and connects
+only to the addresses it checked, so a name cannot pass the check with one address and then
+connect to another.
 """
 
 from __future__ import annotations

@@ -281,10 +281,7 @@ class Agent:
             return requested
         if "*" not in self.allowed_models:
             return None
-        wanted = embedded_model(requested)
-        if wanted is not None and wanted not in offered_embedded_models(embedded_models):
-            return None
-        return requested
+        return requested if _offered(requested, offered_embedded_models(embedded_models)) else None
 
 
 # Agents and tools registered from Python, shared by every application in the process.
